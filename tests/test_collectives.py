@@ -1,0 +1,131 @@
+import math
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import collectives
+from harness import readme_command, run_distributed, run_script, run_torchrun
+
+NUMELS = (1, 7, 1000, 65539)
+DTYPES = (torch.float32, torch.float64, torch.int64)
+
+
+def tolerance(dtype, n, max_abs):
+    """Ring and built-in add the same N numbers in different orders. Each of the N-1 additions rounds by at most
+    half an ulp of a partial sum no larger than N·max|x|, so two orders differ by at most N·eps·N·max|x| absolute
+    (a relative bound would fail on sums that cancel to near zero). Integers must be exact."""
+    if not dtype.is_floating_point:
+        return dict(rtol=0, atol=0)
+    return dict(rtol=0, atol=n * n * torch.finfo(dtype).eps * max_abs)
+
+
+def _ring_vs_builtin():
+    r, n = dist.get_rank(), dist.get_world_size()
+    for numel in NUMELS:
+        for dtype in DTYPES:
+            g = torch.Generator().manual_seed(100 * r + numel)
+            x = (torch.randn(numel, generator=g, dtype=torch.float64) * 100).to(dtype)
+            summed = x.clone()
+            dist.all_reduce(summed)
+            max_abs = x.abs().max().double()
+            dist.all_reduce(max_abs, op=dist.ReduceOp.MAX)
+            tol = tolerance(dtype, n, max_abs.item())
+            c = math.ceil(numel / n)
+            e = x.element_size()
+            padded_sum = torch.zeros(n * c, dtype=dtype)
+            padded_sum[:numel] = summed
+
+            collectives.bytes_sent.clear()
+            chunk = collectives.ring_reduce_scatter(x)
+            torch.testing.assert_close(chunk, padded_sum[r * c:(r + 1) * c], **tol)
+            # Padding counted as sent: each of the N-1 steps sends one whole chunk of ceil(numel/N) elements.
+            assert collectives.bytes_sent["ring_reduce_scatter"] == (n - 1) * c * e
+
+            collectives.bytes_sent.clear()
+            mine = padded_sum[r * c:(r + 1) * c].clone()
+            full = collectives.ring_all_gather(mine)
+            builtin = torch.empty(n * c, dtype=dtype)
+            dist.all_gather_single(builtin, mine)
+            assert torch.equal(full, builtin)
+            assert collectives.bytes_sent["ring_all_gather"] == (n - 1) * c * e
+
+            collectives.bytes_sent.clear()
+            y = x.clone()
+            out = collectives.ring_all_reduce(y)
+            assert out is y  # in place, like dist.all_reduce
+            torch.testing.assert_close(y, summed, **tol)
+            assert sum(collectives.bytes_sent.values()) == 2 * (n - 1) * c * e
+            if numel % n == 0:
+                assert sum(collectives.bytes_sent.values()) == 2 * (n - 1) / n * numel * e
+
+            collectives.bytes_sent.clear()
+            y = x.clone()
+            collectives.naive_all_reduce(y)
+            torch.testing.assert_close(y, summed, **tol)
+            assert collectives.bytes_sent["naive_all_reduce"] == ((n - 1) if r == 0 else 1) * numel * e
+    return True
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_ring_collectives_equal_builtins_and_bytes_equal_formula(world_size):
+    assert run_distributed(_ring_vs_builtin, world_size) == [True] * world_size
+
+
+def _subgroup():
+    # Ranks 1 and 3 form a group of their own: peers must be mapped from group ranks to global ranks.
+    group = dist.new_group([1, 3])
+    r = dist.get_rank()
+    x = torch.arange(5, dtype=torch.float64) * (r + 1)
+    if r in (1, 3):
+        collectives.ring_all_reduce(x, group=group)
+        return x.tolist()
+    return None
+
+
+def test_group_argument():
+    results = run_distributed(_subgroup, 4)
+    expected = (torch.arange(5, dtype=torch.float64) * (2 + 4)).tolist()
+    assert results == [None, expected, None, expected]
+
+
+def test_wrong_device_is_a_clear_error():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="gloo's send/recv takes CPU tensors"):
+            collectives.ring_all_reduce(torch.ones(4, device="meta"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_readme_torchrun_line_prints_measured_bytes_equal_to_formula():
+    line = readme_command("collectives.py")
+    assert "--nproc_per_node=4" in line
+    out = run_torchrun(line, "--numel 65536 --repeats 1").stdout
+    rows = re.findall(r"^(ring_\w+|naive_all_reduce)\s+(\d)\s+([\d,]+)\s+([\d,]+)", out, re.M)
+    assert len(rows) == 3 + 4, out  # three ring rows (rank 0), the naive row of every rank
+    for name, rank, measured, formula in rows:
+        assert measured == formula, (name, rank)
+    # 65536 float32 = 262144 bytes; ring all-reduce on 4 ranks sends 2·3/4·D = 393216 bytes
+    assert any(name == "ring_all_reduce" and measured == "393,216" for name, _, measured, _ in rows)
+    # The scaling table (subgroups of 2, 3, 4 ranks): measured equals formula, computed here independently.
+    scaling = re.findall(r"^\s+(\d)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", out, re.M)
+    assert [int(n) for n, *_ in scaling] == [2, 3, 4], out
+    for n, ring, ring_formula, naive, naive_formula in scaling:
+        n, d = int(n), 262144
+        assert int(ring.replace(",", "")) == 2 * (n - 1) * math.ceil(65536 / n) * 4 and ring == ring_formula
+        assert int(naive.replace(",", "")) == (n - 1) * d and naive == naive_formula
+
+
+def test_single_process_runs_and_explains():
+    out = run_script(["collectives.py", "--numel", "100", "--repeats", "1"]).stdout
+    assert "One process" in out
+
+
+@pytest.mark.parametrize("args, message", [(["--numel", "0"], "--numel: 0 is not positive"),
+                                           (["--dtype", "float7"], "invalid choice: 'float7'")])
+def test_bad_input_is_one_line(args, message):
+    proc = run_script(["collectives.py"] + args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
