@@ -1,0 +1,726 @@
+"""Tensor parallelism (Megatron-LM): each weight matrix split across N ranks, two all-reduces per layer each way.
+
+For the MLP Y = GeLU(X·A)·B, split A by columns and B by rows. Rank r computes GeLU(X·A_r) on its own, no
+communication, because GeLU acts on each column separately; then X·A_r·B_r is a partial sum and one all-reduce
+(g) adds the N partials. Attention splits by heads the same way (q, k, v by columns, the output projection by
+rows). In backward the roles swap: the input's gradient is the sum of the ranks' partials (f's all-reduce). So
+
+    one transformer layer = 2 all-reduces forward + 2 backward, each of B·T·d elements,
+
+and every matrix weighs 1/N per rank. The embedding and the loss are split over the vocabulary, so the full
+B·T·V logits are never gathered. With --sequence-parallel (Korthikanti et al. 2022) each all-reduce becomes a
+reduce-scatter plus an all-gather (the same bytes) and the layer norms work on T/N tokens per rank.
+
+Run:   torchrun --nproc_per_node=2 tensor_parallel.py
+       torchrun --nproc_per_node=4 tensor_parallel.py --sequence-parallel
+       python tensor_parallel.py --help
+"""
+import argparse
+import collections
+import datetime
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --- setup -------------------------------------------------------------
+
+
+def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """Join the torchrun job (or make a job of one process): nccl on CUDA, gloo on CPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
+        if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        else:  # plain `python X.py`: a world of one, no network needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+
+# --- the technique -----------------------------------------------------
+
+# (collective, "forward" | "backward") -> calls and bytes of the payload this rank put in. Filled in by the four
+# region functions below and their sequence-parallel pair, so the script can print collectives per layer.
+comm_calls: collections.Counter = collections.Counter()
+comm_bytes: collections.Counter = collections.Counter()
+
+
+def _record(op: str, direction: str, t: torch.Tensor) -> None:
+    comm_calls[op, direction] += 1
+    comm_bytes[op, direction] += t.numel() * t.element_size()
+
+
+def _all_reduce(x, group, direction):
+    _record("all_reduce", direction, x)
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather(x, dim, group, direction):
+    n = dist.get_world_size(group)
+    parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    out = torch.cat(parts, dim=dim)
+    _record("all_gather", direction, out)
+    return out
+
+
+def _split(x, dim, group):
+    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _reduce_scatter(x, dim, group, direction):
+    _record("reduce_scatter", direction, x)
+    parts = [p.contiguous() for p in x.chunk(dist.get_world_size(group), dim=dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+# Megatron's four mappings. Each is the conjugate of another: what one does forward, its partner does backward.
+class _CopyToTP(torch.autograd.Function):
+    """f: identity forward; all-reduce backward (every rank's partial dL/dx is summed)."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group, "backward"), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """g: all-reduce forward (sum the partial products); identity backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group, "forward")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """All-gather along the last dimension forward; keep our slice of the gradient backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, -1, group, "forward")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split(grad, -1, ctx.group), None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    """Keep our slice of the last dimension forward; all-gather the gradient backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, -1, ctx.group, "backward"), None
+
+
+# Sequence parallelism (Korthikanti et al. 2022) replaces each all-reduce by its two halves: outside the tensor-
+# parallel regions activations are split along the sequence (dim 1), so layer norms see T/N tokens.
+class _GatherFromSP(torch.autograd.Function):
+    """All-gather the sequence forward (entering a TP region); reduce-scatter the gradient backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, 1, group, "forward")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, 1, ctx.group, "backward"), None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    """Reduce-scatter along the sequence forward (leaving a TP region); all-gather the gradient backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, 1, group, "forward")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, 1, ctx.group, "backward"), None
+
+
+def copy_to_tp_region(x, group=None):
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp_region(x, group=None):
+    return _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp_region(x, group=None):
+    return _GatherFromTP.apply(x, group)
+
+
+def scatter_to_tp_region(x, group=None):
+    return _ScatterToTP.apply(x, group)
+
+
+def gather_from_sp_region(x, group=None):
+    return _GatherFromSP.apply(x, group)
+
+
+def reduce_scatter_to_sp_region(x, group=None):
+    return _ReduceScatterToSP.apply(x, group)
+
+
+def _divide(total: int, n: int, what: str) -> int:
+    if total % n:
+        raise ValueError(f"{what} {total} is not divisible by the tensor-parallel size {n}")
+    return total // n
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = XA with A split by columns: rank r computes Y_r = X A_r, no communication in forward. The input enters
+    through f (or, with sequence parallelism, an all-gather of the sequence)."""
+
+    def __init__(self, in_features, out_features, bias=True, gather_output=False, group=None,
+                 sequence_parallel=False):
+        super().__init__()
+        self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
+        local = _divide(out_features, dist.get_world_size(group), "out_features")
+        self.weight = nn.Parameter(torch.empty(local, in_features))  # rows of nn.Linear's (out, in) weight
+        self.bias = nn.Parameter(torch.zeros(local)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x):
+        x = gather_from_sp_region(x, self.group) if self.sequence_parallel else copy_to_tp_region(x, self.group)
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_tp_region(y, self.group) if self.gather_output else y
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, gather_output=False, group=None, sequence_parallel=False):
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, gather_output, group,
+                    sequence_parallel)
+        with torch.no_grad():
+            layer.weight.copy_(_split(linear.weight, 0, group))
+            if linear.bias is not None:
+                layer.bias.copy_(_split(linear.bias, 0, group))
+        return layer
+
+
+class RowParallelLinear(nn.Module):
+    """Y = XA with A split by rows (X by columns): rank r computes X_r A_r, and g sums the partial products (with
+    sequence parallelism, a reduce-scatter along the sequence). The bias is added once, after the sum."""
+
+    def __init__(self, in_features, out_features, bias=True, input_is_parallel=True, group=None,
+                 sequence_parallel=False):
+        super().__init__()
+        self.group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
+        local = _divide(in_features, dist.get_world_size(group), "in_features")
+        self.weight = nn.Parameter(torch.empty(out_features, local))  # columns of nn.Linear's (out, in) weight
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x):
+        if not self.input_is_parallel:
+            x = scatter_to_tp_region(x, self.group)
+        partial = F.linear(x, self.weight)
+        y = reduce_scatter_to_sp_region(partial, self.group) if self.sequence_parallel \
+            else reduce_from_tp_region(partial, self.group)
+        return y if self.bias is None else y + self.bias
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, input_is_parallel=True, group=None, sequence_parallel=False):
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, input_is_parallel, group,
+                    sequence_parallel)
+        with torch.no_grad():
+            layer.weight.copy_(_split(linear.weight, 1, group))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+
+class ParallelMLP(nn.Module):
+    """GeLU(X A) B with A column-parallel and B row-parallel: one f, one g, nothing gathered in between."""
+
+    def __init__(self, d_model, hidden, group=None, sequence_parallel=False):
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(d_model, hidden, group=group, sequence_parallel=sequence_parallel)
+        self.fc2 = RowParallelLinear(hidden, d_model, group=group, sequence_parallel=sequence_parallel)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+    @classmethod
+    def from_dense(cls, mlp, group=None, sequence_parallel=False):
+        m = cls(mlp.fc1.in_features, mlp.fc1.out_features, group, sequence_parallel)
+        m.fc1 = ColumnParallelLinear.from_dense(mlp.fc1, group=group, sequence_parallel=sequence_parallel)
+        m.fc2 = RowParallelLinear.from_dense(mlp.fc2, group=group, sequence_parallel=sequence_parallel)
+        return m
+
+
+class ParallelSelfAttention(nn.Module):
+    """Causal attention split by heads: q, k, v are one column-parallel matmul (rank r computes heads
+    r·h/N .. (r+1)·h/N in full), attention needs no communication, and the output projection is row-parallel."""
+
+    def __init__(self, d_model, n_head, group=None, sequence_parallel=False):
+        super().__init__()
+        n = dist.get_world_size(group)
+        self.local_heads = _divide(n_head, n, "n_head")
+        self.head_dim = d_model // n_head
+        # q, k, v fused so that one f covers all three: our 3·d/N output columns are [q_r | k_r | v_r]
+        self.qkv = ColumnParallelLinear(d_model, 3 * d_model, group=group, sequence_parallel=sequence_parallel)
+        self.o = RowParallelLinear(d_model, d_model, group=group, sequence_parallel=sequence_parallel)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        B, T = q.shape[:2]
+        q, k, v = (t.view(B, T, self.local_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, h/N, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+    @classmethod
+    def from_dense(cls, attn, group=None, sequence_parallel=False):
+        d = attn.q.in_features
+        m = cls(d, attn.n_head, group, sequence_parallel)
+        with torch.no_grad():
+            m.qkv.weight.copy_(torch.cat([_split(lin.weight, 0, group) for lin in (attn.q, attn.k, attn.v)]))
+            m.qkv.bias.copy_(torch.cat([_split(lin.bias, 0, group) for lin in (attn.q, attn.k, attn.v)]))
+        m.o = RowParallelLinear.from_dense(attn.o, group=group, sequence_parallel=sequence_parallel)
+        return m
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rank r owns token ids [r·V/N, (r+1)·V/N): it looks up the ids in its range, writes zeros for the others,
+    and one all-reduce (a reduce-scatter with sequence parallelism) assembles every row."""
+
+    def __init__(self, vocab_size, d_model, group=None, sequence_parallel=False):
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.per_rank = _divide(vocab_size, dist.get_world_size(group), "vocab_size")
+        self.start = dist.get_rank(group) * self.per_rank
+        self.weight = nn.Parameter(torch.empty(self.per_rank, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, idx):
+        local = idx - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_scatter_to_sp_region(x, self.group) if self.sequence_parallel \
+            else reduce_from_tp_region(x, self.group)
+
+    @classmethod
+    def from_dense(cls, emb: nn.Embedding, group=None, sequence_parallel=False):
+        m = cls(emb.num_embeddings, emb.embedding_dim, group, sequence_parallel)
+        with torch.no_grad():
+            m.weight.copy_(_split(emb.weight, 0, group))
+        return m
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, start, group):
+        # logits: (N_tokens, V/N), this rank's columns. Three all-reduces of N_tokens numbers each; never V.
+        logits = logits.float()
+        row_max = logits.max(dim=-1).values
+        _record("all_reduce", "forward", row_max)
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - row_max.unsqueeze(-1)
+        exp = shifted.exp()
+        sum_exp = _all_reduce(exp.sum(dim=-1), group, "forward")
+        local = targets - start
+        mine = (local >= 0) & (local < logits.shape[-1])
+        target_logit = torch.where(mine, shifted.gather(1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(1)).squeeze(1),
+                                   torch.zeros_like(row_max))
+        target_logit = _all_reduce(target_logit, group, "forward")
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local, mine)
+        return (sum_exp.log() - target_logit).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, mine = ctx.saved_tensors
+        g = softmax.clone()  # d(mean CE)/d logits = (softmax - onehot) / N_tokens, our columns only
+        rows = torch.arange(g.shape[0], device=g.device)[mine]
+        g[rows, local[mine]] -= 1.0
+        return g * (grad / g.shape[0]), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_shard, targets, group=None):
+    """Mean cross-entropy over the full vocabulary from each rank's slice of the logits (..., V/N)."""
+    start = dist.get_rank(group) * logits_shard.shape[-1]
+    return _VocabParallelCrossEntropy.apply(logits_shard.reshape(-1, logits_shard.shape[-1]),
+                                            targets.reshape(-1), start, group)
+
+
+# --- a tiny model and real data ------------------------------------------
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # bytes
+    seq_len: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 64
+    tie_weights: bool = True
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(4))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (lin(x).view(B, T, self.n_head, -1).transpose(1, 2) for lin in (self.q, self.k, self.v))  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.Linear(4 * cfg.d_model, cfg.d_model)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1, self.attn, self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), Attention(cfg), nn.LayerNorm(cfg.d_model), MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb, self.pos_emb = nn.Embedding(cfg.vocab_size, cfg.d_model), nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f, self.head = nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.head.weight = self.tok_emb.weight
+        for m in self.modules():  # GPT-2's initialisation: small weights keep the first logits near uniform
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, idx, targets=None):
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+
+
+TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".html", ".htm", ".json", ".c", ".h"}
+
+
+def load_text(path: str | None = None, max_bytes: int = 8_000_000) -> torch.Tensor:
+    """Bytes of real text as uint8: by default the standard library's own .py files; else a file, a folder, or the
+    JSONL ('text' field) that data_pipeline.py writes."""
+    if path is None:
+        files = sorted(Path(os.__file__).parent.glob("*.py"))
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise ValueError(f"--data {path}: no such file or folder")
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES | {".jsonl"})
+    chunks, total = [], 0
+    for f in files:
+        raw = f.read_bytes()
+        if f.suffix == ".jsonl":
+            raw = "\n\n".join(json.loads(line)["text"] for line in raw.decode().splitlines() if line.strip()).encode()
+        chunks.append(raw)
+        total += len(raw)
+        if total >= max_bytes:
+            break
+    data = torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8)
+    if data.numel() < 2:
+        raise ValueError(f"--data {path}: no text found")
+    return data
+
+
+def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
+    """batch_size random windows of seq_len bytes and the same shifted by one: (B, T) int64 inputs and targets."""
+    if data.numel() <= seq_len + 1:
+        raise ValueError(f"the text has {data.numel()} bytes, fewer than one sequence of {seq_len + 1}: "
+                         f"lower --seq-len or give more --data")
+    starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=generator)
+    x = torch.stack([data[s: s + seq_len] for s in starts.tolist()]).long()
+    y = torch.stack([data[s + 1: s + seq_len + 1] for s in starts.tolist()]).long()
+    return x, y
+
+
+# --- the tiny GPT, tensor-parallel -------------------------------------
+
+
+class TPBlock(nn.Module):
+    def __init__(self, ln1, attn, ln2, mlp):
+        super().__init__()
+        self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TPGPT(nn.Module):
+    """TinyGPT with every matrix split over the tensor-parallel group: vocab-parallel embedding tied to a
+    vocab-parallel head, parallel attention and MLP; layer norms and the position embedding are replicated."""
+
+    def __init__(self, cfg: GPTConfig, group=None, sequence_parallel=False):
+        super().__init__()
+        self.cfg, self.group, self.sequence_parallel = cfg, group, sequence_parallel
+        n = dist.get_world_size(group)
+        _divide(4 * cfg.d_model, n, "the MLP width 4·d_model")
+        if sequence_parallel:
+            _divide(cfg.seq_len, n, "seq_len (sequence parallelism splits it)")
+        self.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, group, sequence_parallel)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            TPBlock(nn.LayerNorm(cfg.d_model), ParallelSelfAttention(cfg.d_model, cfg.n_head, group, sequence_parallel),
+                    nn.LayerNorm(cfg.d_model), ParallelMLP(cfg.d_model, 4 * cfg.d_model, group, sequence_parallel))
+            for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, idx, targets=None):
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        if self.sequence_parallel:  # we hold tokens [r·T/N, (r+1)·T/N) of every sequence
+            pos = _split(pos, 0, self.group)
+        x = self.tok_emb(idx) + self.pos_emb(pos)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x)
+        x = gather_from_sp_region(x, self.group) if self.sequence_parallel else copy_to_tp_region(x, self.group)
+        logits_shard = F.linear(x, self.tok_emb.weight)  # the head is tied: (B, T, V/N), never gathered
+        if targets is None:
+            return logits_shard
+        return vocab_parallel_cross_entropy(logits_shard, targets, self.group)
+
+    @classmethod
+    def from_dense(cls, model: "TinyGPT", group=None, sequence_parallel=False):
+        """This rank's shard of a dense TinyGPT (the same weights, so the two can be compared)."""
+        if not model.cfg.tie_weights:
+            raise ValueError("TPGPT ties the head to the embedding: build the dense model with tie_weights=True")
+        tp = cls(model.cfg, group, sequence_parallel)
+        tp.tok_emb = VocabParallelEmbedding.from_dense(model.tok_emb, group, sequence_parallel)
+        tp.pos_emb.load_state_dict(model.pos_emb.state_dict())
+        tp.ln_f.load_state_dict(model.ln_f.state_dict())
+        for mine, dense in zip(tp.blocks, model.blocks):
+            mine.ln1.load_state_dict(dense.ln1.state_dict())
+            mine.ln2.load_state_dict(dense.ln2.state_dict())
+            mine.attn = ParallelSelfAttention.from_dense(dense.attn, group, sequence_parallel)
+            mine.mlp = ParallelMLP.from_dense(dense.mlp, group, sequence_parallel)
+        return tp
+
+    def replicated_parameters(self):
+        """Parameters every rank holds whole: layer norms, position embedding, row-parallel biases."""
+        split = {id(p) for m in self.modules() if isinstance(m, (ColumnParallelLinear, VocabParallelEmbedding))
+                 for p in m.parameters()}
+        split |= {id(m.weight) for m in self.modules() if isinstance(m, RowParallelLinear)}
+        return [p for p in self.parameters() if id(p) not in split]
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        """The dense TinyGPT's state dict, gathered from the shards (collective: call on every rank)."""
+        g = self.group
+        gather = lambda t, dim: torch.cat(_gather_list(t, g), dim=dim)
+        out = {"tok_emb.weight": gather(self.tok_emb.weight, 0), "pos_emb.weight": self.pos_emb.weight.clone(),
+               "ln_f.weight": self.ln_f.weight.clone(), "ln_f.bias": self.ln_f.bias.clone()}
+        out["head.weight"] = out["tok_emb.weight"]
+        for i, b in enumerate(self.blocks):
+            pre = f"blocks.{i}."
+            for ln in ("ln1", "ln2"):
+                out[pre + ln + ".weight"], out[pre + ln + ".bias"] = getattr(b, ln).weight.clone(), getattr(b, ln).bias.clone()
+            parts = [t.chunk(3) for t in _gather_list(b.attn.qkv.weight, g)]  # each rank: [q_r; k_r; v_r]
+            bparts = [t.chunk(3) for t in _gather_list(b.attn.qkv.bias, g)]
+            for j, name in enumerate("qkv"):
+                out[pre + f"attn.{name}.weight"] = torch.cat([p[j] for p in parts])
+                out[pre + f"attn.{name}.bias"] = torch.cat([p[j] for p in bparts])
+            out[pre + "attn.o.weight"], out[pre + "attn.o.bias"] = gather(b.attn.o.weight, 1), b.attn.o.bias.clone()
+            out[pre + "mlp.fc1.weight"], out[pre + "mlp.fc1.bias"] = gather(b.mlp.fc1.weight, 0), gather(b.mlp.fc1.bias, 0)
+            out[pre + "mlp.fc2.weight"], out[pre + "mlp.fc2.bias"] = gather(b.mlp.fc2.weight, 1), b.mlp.fc2.bias.clone()
+        return out
+
+
+def _gather_list(t, group):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
+
+
+def allreduce_sequence_parallel_grads(model: TPGPT) -> None:
+    """With sequence parallelism each rank's layer norms saw only its T/N tokens: sum their gradients."""
+    for p in model.replicated_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=model.group)
+
+
+# --- demo --------------------------------------------------------------
+
+
+def count_layer_collectives(cfg: GPTConfig, sequence_parallel: bool, batch_size: int = 2, device="cpu") -> dict:
+    """Run one transformer layer forward and backward alone and count its collectives by kind and direction."""
+    torch.manual_seed(0)
+    model = TPGPT(cfg, sequence_parallel=sequence_parallel).to(device)
+    n = dist.get_world_size()
+    T = cfg.seq_len // n if sequence_parallel else cfg.seq_len
+    x = torch.randn(batch_size, T, cfg.d_model, device=device, requires_grad=True)
+    comm_calls.clear()
+    comm_bytes.clear()
+    model.blocks[0](x).sum().backward()
+    return {"calls": dict(comm_calls), "bytes": dict(comm_bytes)}
+
+
+def train(cfg: GPTConfig, steps: int = 20, batch_size: int = 8, lr: float = 3e-3, sequence_parallel=False,
+          data=None, device="cpu", seed: int = 0, log_every: int = 0) -> dict:
+    """Train TPGPT on this process group (every rank sees the same batch); check step 0 against the dense model."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    data = load_text() if data is None else data
+    torch.manual_seed(seed)  # the same dense model on every rank; each keeps its shard
+    dense = TinyGPT(cfg).to(device)
+    model = TPGPT.from_dense(dense, sequence_parallel=sequence_parallel).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    losses, times = [], []
+    for step in range(steps):
+        x, y = (t.to(device) for t in get_batch(data, batch_size, cfg.seq_len, gen))
+        if step == 0:
+            with torch.no_grad():
+                dense_loss = dense(x, y).item()
+        comm_calls.clear()
+        comm_bytes.clear()
+        t0 = time.perf_counter()
+        loss = model(x, y)
+        loss.backward()
+        if sequence_parallel:
+            allreduce_sequence_parallel_grads(model)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        if log_every and rank == 0 and (step % log_every == 0 or step == steps - 1):
+            print(f"step {step + 1}/{steps} | loss {losses[-1]:.3f} | "
+                  f"{batch_size * cfg.seq_len / times[-1] / 1e3:.1f}k tok/s | {times[-1] * 1e3:.0f} ms", flush=True)
+    tp_params = sum(p.numel() for p in model.parameters())
+    matrix_params = tp_params - sum(p.numel() for p in model.replicated_parameters())
+    dense_params = sum(p.numel() for p in dense.parameters())
+    dense_matrix = dense_params - sum(p.numel() for name, p in dense.named_parameters()
+                                      if "ln" in name or "pos_emb" in name or name.endswith("o.bias")
+                                      or name.endswith("fc2.bias"))
+    return {"world_size": n, "losses": losses, "dense_step0_loss": dense_loss, "ms_per_step": statistics.median(times) * 1e3,
+            "params_per_rank": tp_params, "dense_params": dense_params, "matrix_params_per_rank": matrix_params,
+            "dense_matrix_params": dense_matrix, "step_calls": dict(comm_calls), "step_bytes": dict(comm_bytes),
+            "layer": count_layer_collectives(cfg, sequence_parallel, batch_size, device=device)}
+
+
+def print_report(r: dict, cfg: GPTConfig, batch_size: int, sequence_parallel: bool) -> None:
+    n, L = r["world_size"], cfg.n_layer
+    print(f"\nstep-0 loss: tensor-parallel {r['losses'][0]:.6f} | dense model, same seed {r['dense_step0_loss']:.6f} | "
+          f"difference {abs(r['losses'][0] - r['dense_step0_loss']):.1e}")
+    print(f"parameters per rank: {r['params_per_rank']:,} of the dense model's {r['dense_params']:,}; the split "
+          f"matrices: {r['matrix_params_per_rank']:,} of {r['dense_matrix_params']:,} = 1/{r['dense_matrix_params'] / r['matrix_params_per_rank']:.2f} (formula 1/N = 1/{n})")
+    calls = r["layer"]["calls"]
+    t = cfg.seq_len // n if sequence_parallel else cfg.seq_len
+    print(f"\ncollectives of one transformer layer, forward and backward (measured | formula):")
+    if sequence_parallel:
+        rows = [("all_gather", "forward", 2), ("reduce_scatter", "forward", 2), ("reduce_scatter", "backward", 2),
+                ("all_gather", "backward", 2)]
+    else:
+        rows = [("all_reduce", "forward", 2), ("all_reduce", "backward", 2)]
+    for op, direction, formula in rows:
+        print(f"  {op:<15} {direction:<9} {calls.get((op, direction), 0)} | {formula}")
+    b = r["layer"]["bytes"]
+    key = ("all_gather", "forward") if sequence_parallel else ("all_reduce", "forward")
+    per_call = b.get(key, 0) // max(1, calls.get(key, 1))
+    print(f"bytes per {key[0]}: {per_call:,} | formula B·T·d·4 = {batch_size * cfg.seq_len * cfg.d_model * 4:,} "
+          f"(B={batch_size}, T={cfg.seq_len}, d={cfg.d_model}, fp32)"
+          + ("; each is the full activation, the sequence gathered from N slices" if sequence_parallel else ""))
+    sc = r["step_calls"]
+    if not sequence_parallel:
+        print(f"whole model per step: {sc.get(('all_reduce', 'forward'), 0)} all-reduces forward "
+              f"(2L + 1 embedding + 3 in the cross-entropy = {2 * L + 4}), {sc.get(('all_reduce', 'backward'), 0)} "
+              f"backward (2L + 1 at the head = {2 * L + 1})")
+    print(f"median step time {r['ms_per_step']:.1f} ms")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--sequence-parallel", action="store_true", help="split layer norms' activations along the sequence")
+    p.add_argument("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--json", metavar="PATH", help="write the figures as JSON (rank 0)")
+    args = p.parse_args(argv)
+    n = int(os.environ.get("WORLD_SIZE", 1))  # validated before any communication, identically on every rank
+    for flag, value in (("--n-head", args.n_head), ("--d-model", args.d_model)):
+        if value % n:
+            p.error(f"{flag} {value} is not divisible by the tensor-parallel size {n} (try {flag} {n * max(1, value // n)})")
+    if args.d_model % args.n_head:
+        p.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
+    if 256 % n:
+        p.error(f"the byte vocabulary (256) is not divisible by the tensor-parallel size {n}: use a power of two")
+    if args.sequence_parallel and args.seq_len % n:
+        p.error(f"--seq-len {args.seq_len} is not divisible by {n} (sequence parallelism splits it; try "
+                f"--seq-len {n * max(1, args.seq_len // n)})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible here (use --device cpu)")
+    try:
+        data = load_text(args.data)
+    except ValueError as e:
+        p.error(str(e))
+    cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
+    rank, n, device = setup_distributed(args.device)
+    try:
+        r = train(cfg, args.steps, args.batch_size, args.lr, args.sequence_parallel, data, device,
+                  log_every=max(1, args.steps // 6))
+        if rank == 0:
+            print_report(r, cfg, args.batch_size, args.sequence_parallel)
+            if args.json:
+                Path(args.json).write_text(json.dumps(r, indent=1, default=str))
+        return r
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()
