@@ -28,14 +28,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, fn, args, queue, pg_timeout):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)  # N processes share 2 cores: one thread each avoids oversubscription
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout))
         queue.put((rank, True, fn(*args)))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
@@ -44,13 +44,14 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 120):
-    """Run fn(*args) on world_size gloo ranks; return [result of rank 0, result of rank 1, ...]."""
+def run_distributed(fn, world_size: int, *args, timeout: float = 120, pg_timeout: float = 60):
+    """Run fn(*args) on world_size gloo ranks; return [result of rank 0, result of rank 1, ...].
+    pg_timeout is the process group's own timeout: how long a collective or recv waits for a silent peer."""
     ctx = mp.get_context("forkserver")  # workers fork from a server that imported torch once: fast and clean
     ctx.set_forkserver_preload(["torch", "torch.distributed", "numpy"])
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, pg_timeout), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -78,8 +79,9 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120):
                 # The other ranks may now wait forever on the dead one: give them a little time, then stop.
                 deadline = min(deadline, time.monotonic() + 15)
         if errors:
-            rank, tb = min(errors)
-            raise RuntimeError(f"rank {rank} of {world_size} failed:\n{tb}")
+            rank, tb = errors[0]  # the first to fail is the likeliest cause; the others often just lost their peer
+            others = f" (then ranks {sorted(r for r, _ in errors[1:])} too)" if len(errors) > 1 else ""
+            raise RuntimeError(f"rank {rank} of {world_size} failed{others}:\n{tb}")
         clean = True
         return [results[r] for r in range(world_size)]
     finally:
