@@ -120,3 +120,14 @@ def run_script(args: list[str], timeout: float = 180, check: bool = True):
     if check:
         assert proc.returncode == 0, f"python {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def cli_error(main, args: list[str], capsys) -> str:
+    """Call a script's main(args) in this process and return the one-line error it exits with (argparse's exit 2).
+    In-process, so it is cheap; a traceback instead of the clean exit fails the test."""
+    import pytest
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2, exit_info.value.code
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1] if err else ""
