@@ -1,0 +1,489 @@
+"""Muon: momentum orthogonalised by Newton-Schulz, for the hidden weight matrices of a transformer.
+
+AdamW scales every element of the update on its own. Muon treats a weight as a matrix: it takes the momentum
+M = U·Σ·Vᵀ and steps along msign(M) = U·Vᵀ, the same directions with every singular value set to 1, so rare
+directions (small σ) move as far as dominant ones. Computing an SVD each step would be slow; five Newton-Schulz
+iterations X ← aX + b(XXᵀ)X + c(XXᵀ)²X with (a, b, c) = (3.4445, −4.7750, 2.0315) get close with matmuls only.
+Embeddings, the output head, norms and biases stay with AdamW.
+
+Run:   python muon.py --compare
+       python muon.py --ns-check
+       torchrun --nproc_per_node=2 muon.py --optimizer muon --steps 100
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --- setup -------------------------------------------------------------
+
+
+def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """Join the torchrun job (or make a job of one process): nccl on CUDA, gloo on CPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
+        if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        else:  # plain `python X.py`: a world of one, no network needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+
+# --- the technique -----------------------------------------------------
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steepest slope at 0 that still lands near 1
+
+
+def default_ns_dtype(device) -> torch.dtype:
+    """bf16 on GPUs, as the literature runs it; float32 on CPUs, where bf16 matmuls are slow."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def newton_schulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype=None) -> torch.Tensor:
+    """Approximately U·Vᵀ for G = U·Σ·Vᵀ: every singular value pushed towards 1, singular vectors kept.
+
+    X ← a·X + b·(XXᵀ)X + c·(XXᵀ)²X applies the odd polynomial p(σ) = aσ + bσ³ + cσ⁵ to each singular value.
+    Dividing by the Frobenius norm first puts every σ in (0, 1]; five steps map them into roughly [0.7, 1.2]."""
+    if G.ndim != 2:
+        raise ValueError(f"newton_schulz5 takes a matrix, got shape {tuple(G.shape)}")
+    a, b, c = NS_COEFFICIENTS
+    X = G.to(dtype or default_ns_dtype(G.device))
+    tall = X.shape[0] > X.shape[1]
+    if tall:  # work on the wide side: XXᵀ is then the smaller Gram matrix
+        X = X.T
+    X = X / X.norm().clamp(min=eps)
+    for _ in range(steps):
+        A = X @ X.T
+        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b·A + c·A²; addmm fuses it: one rounding, not three, in bf16
+        X = torch.addmm(X, B, X, beta=a)  # a·X + B·X
+    return (X.T if tall else X).to(G.dtype)
+
+
+SCALES = ("none", "keller", "mup", "moonlight")
+
+
+def scale_factor(scale: str, d_out: int, d_in: int) -> float:
+    """How much to multiply the orthogonalised update of a (d_out, d_in) weight by.
+
+    none: 1. keller: √max(1, d_out/d_in) (the original Muon). mup: √(d_out/d_in) (spectral/μP scaling).
+    moonlight: 0.2·√max(d_out, d_in), which gives the update the RMS of a typical AdamW update, so AdamW's
+    learning rate and weight decay carry over (Liu et al. 2025)."""
+    if scale == "none":
+        return 1.0
+    if scale == "keller":
+        return math.sqrt(max(1.0, d_out / d_in))
+    if scale == "mup":
+        return math.sqrt(d_out / d_in)
+    if scale == "moonlight":
+        return 0.2 * math.sqrt(max(d_out, d_in))
+    raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, orthogonalised: M ← μM + (1-μ)G; with Nesterov U = (1-μ)G + μM, else U = M;
+    W ← W·(1 - lr·wd) - lr·scale·newton_schulz5(U). Only for 2-D weights.
+
+    With a process group of N > 1 ranks (data parallelism, gradients already averaged), rank r orthogonalises the
+    matrices i with i mod N = r and sends each result to the others: Newton-Schulz work divided by N."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5, scale: str = "keller", ns_dtype=None, group=None,
+                 distributed: bool = False):
+        if lr <= 0:
+            raise ValueError(f"learning rate {lr} must be positive")
+        scale_factor(scale, 1, 1)  # validates the name
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      ns_steps=ns_steps, scale=scale))
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon orthogonalises matrices; a parameter of shape {tuple(p.shape)} is not "
+                                     f"one: give embeddings' rows, biases and norms to AdamW (see split_params)")
+        self.ns_dtype, self.group, self.distributed = ns_dtype, group, distributed
+        self.ns_seconds = 0.0  # time spent in Newton-Schulz, for --ns-check's overhead figure
+        self.ns_calls = 0  # matrices this rank orthogonalised
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        n = dist.get_world_size(self.group) if self.distributed else 1
+        r = dist.get_rank(self.group) if self.distributed else 0
+        work = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - g["momentum"])
+                update = p.grad.lerp(buf, g["momentum"]) if g["nesterov"] else buf
+                work.append((p, g, update))
+        t0 = time.perf_counter()
+        ortho = []
+        for i, (p, g, update) in enumerate(work):
+            if i % n == r:
+                o = newton_schulz5(update, g["ns_steps"], dtype=self.ns_dtype or default_ns_dtype(p.device))
+                self.ns_calls += 1
+            else:
+                o = torch.empty_like(p)
+            if n > 1:  # the owner's result to everyone: across all matrices, an all-gather of the updates
+                dist.broadcast(o, src=dist.get_global_rank(self.group, i % n) if self.group else i % n,
+                               group=self.group)
+            ortho.append(o)
+        self.ns_seconds += time.perf_counter() - t0
+        for (p, g, _), o in zip(work, ortho):
+            p.mul_(1 - g["lr"] * g["weight_decay"])
+            p.add_(o, alpha=-g["lr"] * scale_factor(g["scale"], p.shape[0], p.shape[1]))
+        return loss
+
+
+def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Hidden matrices (attention q, k, v, o and the MLP, inside the blocks) to Muon; embeddings, the output head,
+    norms and biases to AdamW. An embedding is a lookup table, not a linear map, so orthogonalising it means nothing."""
+    muon, adamw, seen = [], [], set()
+    blocks = getattr(model, "blocks", None)
+    in_blocks = {id(p) for p in blocks.parameters()} if blocks is not None else set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (muon if p.ndim == 2 and id(p) in in_blocks else adamw).append(p)
+    return muon, adamw
+
+
+class MuonWithAdamW:
+    """One optimizer object for the usual recipe: Muon for the hidden matrices, AdamW for everything else."""
+
+    def __init__(self, model: nn.Module, lr: float = 0.02, adamw_lr: float = 3e-3, momentum: float = 0.95,
+                 weight_decay: float = 0.0, adamw_weight_decay: float = 0.0, scale: str = "keller", ns_dtype=None,
+                 group=None, distributed: bool = False):
+        muon_params, adamw_params = split_params(model)
+        self.muon = Muon(muon_params, lr=lr, momentum=momentum, weight_decay=weight_decay, scale=scale,
+                         ns_dtype=ns_dtype, group=group, distributed=distributed)
+        self.adamw = torch.optim.AdamW(adamw_params, lr=adamw_lr, betas=(0.9, 0.95), weight_decay=adamw_weight_decay)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+# --- a tiny model and real data ------------------------------------------
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # bytes
+    seq_len: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 64
+    tie_weights: bool = True
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(4))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (lin(x).view(B, T, self.n_head, -1).transpose(1, 2) for lin in (self.q, self.k, self.v))  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.Linear(4 * cfg.d_model, cfg.d_model)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1, self.attn, self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), Attention(cfg), nn.LayerNorm(cfg.d_model), MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb, self.pos_emb = nn.Embedding(cfg.vocab_size, cfg.d_model), nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f, self.head = nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.head.weight = self.tok_emb.weight
+        for m in self.modules():  # GPT-2's initialisation: small weights keep the first logits near uniform
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, idx, targets=None):
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+
+
+TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".html", ".htm", ".json", ".c", ".h"}
+
+
+def load_text(path: str | None = None, max_bytes: int = 8_000_000) -> torch.Tensor:
+    """Bytes of real text as uint8: by default the standard library's own .py files; else a file, a folder, or the
+    JSONL ('text' field) that data_pipeline.py writes."""
+    if path is None:
+        files = sorted(Path(os.__file__).parent.glob("*.py"))
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise ValueError(f"--data {path}: no such file or folder")
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES | {".jsonl"})
+    chunks, total = [], 0
+    for f in files:
+        raw = f.read_bytes()
+        if f.suffix == ".jsonl":
+            raw = "\n\n".join(json.loads(line)["text"] for line in raw.decode().splitlines() if line.strip()).encode()
+        chunks.append(raw)
+        total += len(raw)
+        if total >= max_bytes:
+            break
+    data = torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8)
+    if data.numel() < 2:
+        raise ValueError(f"--data {path}: no text found")
+    return data
+
+
+def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
+    """batch_size random windows of seq_len bytes and the same shifted by one: (B, T) int64 inputs and targets."""
+    if data.numel() <= seq_len + 1:
+        raise ValueError(f"the text has {data.numel()} bytes, fewer than one sequence of {seq_len + 1}: "
+                         f"lower --seq-len or give more --data")
+    starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=generator)
+    x = torch.stack([data[s: s + seq_len] for s in starts.tolist()]).long()
+    y = torch.stack([data[s + 1: s + seq_len + 1] for s in starts.tolist()]).long()
+    return x, y
+
+
+# --- demo --------------------------------------------------------------
+
+# Learning rates picked by benchmarks/muon_bench.py's sweep on this model and corpus (see the README's table).
+# (muon_adamw is the AdamW half of Muon+AdamW, for embeddings, head, norms and biases: not swept.)
+BEST_LR = {"adamw": 1e-2, "muon": 0.05, "muon_adamw": 3e-3}
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float | None = None, scale: str = "keller", distributed=False):
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr or BEST_LR["adamw"], betas=(0.9, 0.95), weight_decay=0.0)
+    if name == "muon":
+        return MuonWithAdamW(model, lr=lr or BEST_LR["muon"], adamw_lr=BEST_LR["muon_adamw"], scale=scale,
+                             distributed=distributed)
+    raise ValueError(f"unknown optimizer {name!r}: choose muon or adamw")
+
+
+@torch.no_grad()
+def evaluate(model, val, cfg, batches: int = 4, per_batch: int = 16, device="cpu") -> float:
+    model.eval()
+    losses = [model(*(t.to(device) for t in get_batch(val, per_batch, cfg.seq_len, torch.Generator().manual_seed(99 + b))))
+              for b in range(batches)]
+    model.train()
+    return torch.stack(losses).mean().item()
+
+
+def train(optimizer: str = "muon", steps: int = 100, lr: float | None = None, scale: str = "keller",
+          cfg: GPTConfig | None = None, batch_size: int = 16, data=None, device="cpu", seed: int = 0,
+          log_every: int = 0, warmup: int = 10) -> dict:
+    """Train TinyGPT with one optimizer. Under torchrun: data parallel (each rank a slice of the batch, gradients
+    averaged), and Muon divides its Newton-Schulz work over the ranks. Returns losses, validation loss, timings."""
+    cfg = cfg or GPTConfig()
+    rank, n = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    data = load_text() if data is None else data
+    cut = int(len(data) * 0.9)
+    train_data, val_data = data[:cut], data[cut:]
+    torch.manual_seed(seed)
+    model = TinyGPT(cfg).to(device)
+    opt = make_optimizer(optimizer, model, lr, scale, distributed=n > 1)
+    base = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(seed)
+    losses, times = [], []
+    for step in range(steps):
+        for g, lr0 in zip(opt.param_groups, base):  # linear warm-up, then linear decay to 0
+            g["lr"] = lr0 * min((step + 1) / warmup, (steps - step) / max(1, steps - warmup))
+        x, y = get_batch(train_data, batch_size, cfg.seq_len, gen)
+        per = batch_size // n
+        x, y = x[rank * per:(rank + 1) * per].to(device), y[rank * per:(rank + 1) * per].to(device)
+        t0 = time.perf_counter()
+        loss = model(x, y)
+        loss.backward()
+        if n > 1:
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= n
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        if log_every and rank == 0 and (step % log_every == 0 or step == steps - 1):
+            print(f"{optimizer} | step {step + 1}/{steps} | loss {loss.item():.3f} | {times[-1] * 1e3:.0f} ms", flush=True)
+    ns = opt.muon.ns_seconds if optimizer == "muon" else 0.0
+    return {"optimizer": optimizer, "losses": losses, "val_loss": evaluate(model, val_data, cfg, device=device),
+            "ms_per_step": statistics.median(times) * 1e3, "ns_share": ns / sum(times), "model": model, "opt": opt}
+
+
+def smooth(xs: list[float], k: int = 10) -> list[float]:
+    """Mean of the last k values at every step: single-batch losses are noisy."""
+    return [sum(xs[max(0, i - k + 1): i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(xs))]
+
+
+def compare(steps: int = 150, cfg: GPTConfig | None = None, data=None, device="cpu", every: int = 15) -> dict:
+    """AdamW and Muon+AdamW from the same seed on the same batches; AdamW also runs twice as long, to find how many
+    steps it needs to reach Muon's final loss."""
+    muon = train("muon", steps, cfg=cfg, data=data, device=device)
+    adamw = train("adamw", steps, cfg=cfg, data=data, device=device)
+    longer = train("adamw", 2 * steps, cfg=cfg, data=data, device=device)
+    target = smooth(muon["losses"])[-1]
+    reach = next((i + 1 for i, v in enumerate(smooth(longer["losses"])) if v <= target), None)
+    return {"steps": steps, "every": every, "muon": muon, "adamw": adamw, "adamw_2x": longer, "target": target,
+            "adamw_steps_to_target": reach}
+
+
+def print_compare(c: dict) -> None:
+    m, a = smooth(c["muon"]["losses"]), smooth(c["adamw"]["losses"])
+    print(f"{'step':>5} | {'AdamW':>7} | {'Muon+AdamW':>10}   (training loss, mean of the last 10 steps)")
+    for s in range(c["every"] - 1, c["steps"], c["every"]):
+        print(f"{s + 1:>5} | {a[s]:>7.3f} | {m[s]:>10.3f}")
+    print(f"\nvalidation loss after {c['steps']} steps: AdamW {c['adamw']['val_loss']:.3f} | "
+          f"Muon+AdamW {c['muon']['val_loss']:.3f}")
+    reach = c["adamw_steps_to_target"]
+    if reach:
+        print(f"AdamW needs {reach} steps to reach Muon's final training loss {c['target']:.3f} "
+              f"(Muon: {c['steps']}): {reach / c['steps']:.2f}x the steps; the seed's claim at scale is about 2x")
+    else:
+        print(f"AdamW did not reach Muon's final loss {c['target']:.3f} in {2 * c['steps']} steps (> 2x)")
+    print(f"step time: AdamW {c['adamw']['ms_per_step']:.1f} ms | Muon+AdamW {c['muon']['ms_per_step']:.1f} ms "
+          f"(Newton-Schulz {100 * c['muon']['ns_share']:.1f}% of Muon's step)")
+
+
+def ns_check(cfg: GPTConfig | None = None, data=None, device="cpu") -> list[dict]:
+    """Newton-Schulz against the exact UVᵀ from an SVD, on random matrices and on real momentum matrices."""
+    torch.manual_seed(0)
+    mats = [(f"random {r}x{c}", torch.randn(r, c)) for r, c in ((128, 512), (512, 128), (256, 256))]
+    run = train("muon", 20, cfg=cfg, data=data, device=device)
+    for name, p in list(run["model"].named_parameters()):
+        if p in run["opt"].muon.state and name.startswith("blocks.0"):
+            mats.append((f"momentum {name}", run["opt"].muon.state[p]["momentum_buffer"].float().cpu()))
+    rows = []
+    for name, G in mats:
+        U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+        exact = U @ Vh
+        X = newton_schulz5(G.to(device)).double().cpu()
+        sv = torch.linalg.svdvals(X)
+        rows.append({"matrix": name, "cond": (S[0] / S[-1]).item(), "sv_min": sv.min().item(), "sv_max": sv.max().item(),
+                     "rel_error": ((X - exact).norm() / exact.norm()).item()})
+    return rows, run["ns_share"], run["ms_per_step"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--compare", action="store_true", help="AdamW vs Muon+AdamW, same seed, data and steps")
+    p.add_argument("--ns-check", action="store_true", help="Newton-Schulz vs the exact SVD")
+    p.add_argument("--optimizer", choices=["muon", "adamw"], default="muon", help="for a single run")
+    p.add_argument("--scale", default="keller", help=f"Muon's update scale: {', '.join(SCALES)}")
+    p.add_argument("--lr", type=float, default=None, help="default: the benchmark's best for the optimizer")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    args = p.parse_args(argv)
+    if args.scale not in SCALES:
+        p.error(f"--scale {args.scale}: choose one of {', '.join(SCALES)}")
+    if args.lr is not None and args.lr <= 0:
+        p.error(f"--lr {args.lr}: the learning rate must be positive")
+    if args.d_model % args.n_head:
+        p.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
+    try:
+        data = load_text(args.data)
+    except ValueError as e:
+        p.error(str(e))
+    cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
+    rank, n, device = setup_distributed(args.device)
+    try:
+        if args.ns_check:
+            rows, share, ms = ns_check(cfg, data, device)
+            if rank == 0:
+                print(f"{'matrix':<34} {'cond(G)':>9} {'min σ(NS)':>10} {'max σ(NS)':>10} {'|NS-UVᵀ|/|UVᵀ|':>15}")
+                for r in rows:
+                    print(f"{r['matrix']:<34} {r['cond']:>9.1f} {r['sv_min']:>10.3f} {r['sv_max']:>10.3f} {r['rel_error']:>15.3f}")
+                print(f"exact UVᵀ has every σ = 1. Newton-Schulz ({default_ns_dtype(device)}) took {100 * share:.1f}% of "
+                      f"a {ms:.0f} ms training step")
+            return rows
+        if args.compare:
+            c = compare(args.steps, cfg, data, device)
+            if rank == 0:
+                print_compare(c)
+            return c
+        r = train(args.optimizer, args.steps, args.lr, args.scale, cfg, args.batch_size, data, device,
+                  log_every=max(1, args.steps // 10))
+        if rank == 0:
+            print(f"validation loss {r['val_loss']:.3f} | {r['ms_per_step']:.1f} ms/step")
+        return r
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()
