@@ -1,0 +1,558 @@
+"""Mixed precision: FP32, FP16, BF16 and FP8 — the formats measured, loss scaling, autocast, FP8 with scales.
+
+A float is sign · 2^exponent · 1.mantissa. The exponent bits set the range, the mantissa bits the precision:
+BF16 keeps FP32's 8 exponent bits (same range, 3 significant digits) while FP16 has 5 (max 65504, and gradients
+below 6e-8 become 0). So BF16 trains without help, and FP16 needs loss scaling: multiply the loss by S before
+backward, divide the gradients by S after, and back off when something overflows. Mixed-precision Adam holds
+
+    2 (fp16/bf16 weights) + 2 (gradients) + 4 (fp32 master weights) + 4 + 4 (Adam m, v) = 16 bytes per parameter.
+
+FP8 (E4M3 for weights and activations, E5M2 for gradients) has so little range that every tensor must carry its
+own scale: per tensor from the current or recent amax, or per block as in DeepSeek-V3.
+
+Run:   python mixed_precision.py --formats
+       python mixed_precision.py --compare
+       torchrun --nproc_per_node=2 mixed_precision.py --compare
+"""
+import argparse
+import collections
+import datetime
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --- setup -------------------------------------------------------------
+
+
+def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """Join the torchrun job (or make a job of one process): nccl on CUDA, gloo on CPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
+        if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        else:  # plain `python X.py`: a world of one, no network needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+
+# --- the technique -----------------------------------------------------
+
+FORMATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+_SAME_WIDTH_INT = {32: torch.int32, 16: torch.int16, 8: torch.uint8}
+
+
+def format_table() -> list[dict]:
+    """Each format's layout and range, derived from torch.finfo and from its bit patterns (nothing typed in):
+    mantissa bits m from eps = 2^-m, exponent bits = total - 1 - m, and the smallest subnormal by decoding the bit
+    pattern 0...01."""
+    rows = []
+    for name, dtype in FORMATS.items():
+        fi = torch.finfo(dtype)
+        mantissa = round(-math.log2(fi.eps))
+        one = torch.tensor([1], dtype=_SAME_WIDTH_INT[fi.bits]).view(dtype)  # the bits 0...01
+        rows.append({"format": name, "bits": fi.bits, "exponent_bits": fi.bits - 1 - mantissa,
+                     "mantissa_bits": mantissa, "max": fi.max, "smallest_normal": fi.smallest_normal,
+                     "smallest_subnormal": one.float().item(), "eps": fi.eps})
+    return rows
+
+
+def demonstrations() -> dict:
+    """The three facts behind mixed-precision recipes, computed in each format."""
+    out = {"1 + 2^-8": {}, "gradient 1e-8": {}}
+    for name, dtype in FORMATS.items():
+        out["1 + 2^-8"][name] = torch.tensor(1 + 2 ** -8).to(dtype).float().item()
+        out["gradient 1e-8"][name] = torch.tensor(1e-8).to(dtype).float().item()
+    out["fp16 65504 -> 65520"] = torch.tensor(65520.0).to(torch.float16).item()  # past the top: inf
+    return out
+
+
+class DynamicLossScaler:
+    """Loss scaling, written out (the behaviour of torch.amp.GradScaler). Multiply the loss by S so small gradients
+    stay above fp16's underflow; divide the gradients by S before the step. If any gradient overflowed (inf/NaN),
+    skip the step and halve S; after growth_interval clean steps in a row, double S."""
+
+    def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000):
+        self.scale_value, self.growth_factor, self.backoff_factor = init_scale, growth_factor, backoff_factor
+        self.growth_interval = growth_interval
+        self.clean_steps = 0
+        self.found_inf = None  # None: not unscaled yet this step
+        self.overflows = self.growths = 0
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale_value
+
+    @torch.no_grad()
+    def unscale_(self, optimizer) -> None:
+        """Divide every gradient by S and note whether any is inf or NaN."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch._foreach_mul_(grads, 1.0 / self.scale_value)  # one fused pass over all gradients
+        # a norm is inf or NaN exactly when some element is: one check, one device-to-host sync
+        self.found_inf = bool(grads) and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all().item()
+
+    def step(self, optimizer) -> bool:
+        """Step unless a gradient overflowed; return whether the step was taken."""
+        if self.found_inf is None:
+            self.unscale_(optimizer)
+        if self.found_inf:
+            return False
+        optimizer.step()
+        return True
+
+    def update(self) -> None:
+        if self.found_inf:
+            self.scale_value *= self.backoff_factor
+            self.clean_steps = 0
+            self.overflows += 1
+        else:
+            self.clean_steps += 1
+            if self.clean_steps == self.growth_interval:
+                self.scale_value *= self.growth_factor
+                self.clean_steps = 0
+                self.growths += 1
+        self.found_inf = None
+
+
+class MasterWeights:
+    """The fp16 recipe's optimizer: the model holds fp16 parameters (2 bytes) and fp16 gradients (2 bytes); the
+    optimizer holds an fp32 master copy (4) and Adam's m and v (4 + 4) and steps those. 2 + 2 + 12 = 16 bytes."""
+
+    def __init__(self, model: nn.Module, optimizer_cls=torch.optim.AdamW, **kwargs):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = [nn.Parameter(p.detach().float().clone()) for p in self.params]
+        self.optimizer = optimizer_cls(self.master, **kwargs)
+        self.param_groups = self.optimizer.param_groups
+
+    def copy_grads(self) -> None:
+        for p, m in zip(self.params, self.master):
+            m.grad = None if p.grad is None else p.grad.float()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                p.copy_(m)
+
+    def zero_grad(self) -> None:
+        for p in self.params + self.master:
+            p.grad = None
+
+
+# FP8: a tensor travels as (q, s) with q = fp8(clamp(x·s)) and x ≈ q / s; the scale s = max_fp8 / amax puts the
+# tensor's largest magnitude at the top of the format's range, so its small values keep as much precision as the
+# 3 (E4M3) or 2 (E5M2) mantissa bits allow. Forward tensors use E4M3 (precision), gradients E5M2 (range).
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+class ScaleTracker:
+    """Chooses the scale of one tensor, step after step.
+
+    current: from this tensor's own amax (exact, but needs a pass over the tensor before casting it).
+    delayed: from the amax history of the previous `history_len` steps (max, or most_recent), as Transformer
+    Engine's DelayedScaling does: the cast can be fused into the op that produces the tensor, at the risk of an
+    amax that grew since, whose values then saturate at the format's max."""
+
+    def __init__(self, fmt, mode: str = "current", history_len: int = 16, algo: str = "max"):
+        if mode not in ("current", "delayed"):
+            raise ValueError(f"unknown scaling {mode!r}")
+        if algo not in ("max", "most_recent"):
+            raise ValueError(f"unknown amax algorithm {algo!r}: max or most_recent")
+        self.fmt, self.mode, self.algo = fmt, mode, algo
+        self.history = collections.deque(maxlen=history_len)
+
+    def scale(self, t: torch.Tensor) -> torch.Tensor:
+        amax = t.detach().abs().max().float()
+        if self.mode == "delayed" and self.history:
+            used = max(self.history) if self.algo == "max" else self.history[-1]
+        else:
+            used = amax
+        self.history.append(amax)
+        return torch.finfo(self.fmt).max / torch.clamp(used, min=1e-12)
+
+
+def quantize(t: torch.Tensor, fmt, scale: torch.Tensor) -> torch.Tensor:
+    m = torch.finfo(fmt).max
+    return (t.float() * scale).clamp(-m, m).to(fmt)
+
+
+def block_quantize(t: torch.Tensor, fmt, block: tuple[int, int]) -> torch.Tensor:
+    """DeepSeek-V3's fine-grained scaling: one scale per (rows × cols) block, here returned dequantised (fp8 values
+    times their block's 1/s, in fp32): a CPU has no blockwise fp8 matmul, but the rounding is exactly fp8's."""
+    R, C = t.shape
+    br, bc = min(block[0], R), min(block[1], C)
+    pr, pc = -R % br, -C % bc
+    x = F.pad(t.float(), (0, pc, 0, pr)).view((R + pr) // br, br, (C + pc) // bc, bc)
+    amax = x.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12)
+    s = torch.finfo(fmt).max / amax
+    deq = (x * s).clamp(-torch.finfo(fmt).max, torch.finfo(fmt).max).to(fmt).float() / s
+    return deq.view(R + pr, C + pc)[:R, :C]
+
+
+def fp8_matmul(a_q, b_q, a_scale, b_scale) -> torch.Tensor:
+    """(a_q/a_scale) @ (b_q/b_scale) in fp32, by torch._scaled_mm where it runs (it multiplies by its scales, so we
+    give it the inverses); else by dequantising first."""
+    try:
+        return torch._scaled_mm(a_q, b_q, scale_a=(1 / a_scale).float(), scale_b=(1 / b_scale).float(),
+                                out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError):
+        return (a_q.float() / a_scale) @ (b_q.float() / b_scale)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, layer):
+        x = x.float()
+        if layer.scaling == "block":  # 1×128 tiles for activations, 128×128 blocks for weights
+            xd, wd = block_quantize(x, E4M3, (1, 128)), block_quantize(weight, E4M3, (128, 128))
+            ctx.save_for_backward(xd, wd)
+            ctx.layer = layer
+            return xd @ wd.t()
+        sx, sw = layer.x_tracker.scale(x), layer.w_tracker.scale(weight)
+        xq, wq = quantize(x, E4M3, sx), quantize(weight, E4M3, sw)
+        ctx.save_for_backward(xq, wq, sx, sw)
+        ctx.layer = layer
+        # _scaled_mm wants its second operand column-major: wq.t() of a row-major wq is
+        return fp8_matmul(xq, wq.t(), sx, sw)
+
+    @staticmethod
+    def backward(ctx, gy):
+        layer = ctx.layer
+        if layer.scaling == "block":
+            xd, wd = ctx.saved_tensors
+            gd = block_quantize(gy, E5M2, (1, 128))
+            return gd @ wd, gd.t() @ xd, None
+        xq, wq, sx, sw = ctx.saved_tensors
+        sg = layer.g_tracker.scale(gy)
+        gq = quantize(gy, E5M2, sg)
+        grad_x = fp8_matmul(gq, wq.t().contiguous().t(), sg, sw)  # (M, N) @ (N, K)
+        grad_w = fp8_matmul(gq.t().contiguous(), xq.t().contiguous().t(), sg, sx)  # (N, M) @ (M, K)
+        return grad_x, grad_w, None
+
+
+class Fp8Linear(nn.Module):
+    """A drop-in for nn.Linear whose matmuls run in FP8: input and weight in E4M3, the output gradient in E5M2,
+    every tensor with its own scale. Master weights, bias and output stay fp32."""
+
+    def __init__(self, in_features, out_features, bias=True, scaling="current", history_len=16, amax_algo="max"):
+        super().__init__()
+        if scaling not in ("current", "delayed", "block"):
+            raise ValueError(f"unknown scaling {scaling!r}: current, delayed or block")
+        self.in_features, self.out_features, self.scaling = in_features, out_features, scaling
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+        mode = "current" if scaling == "block" else scaling
+        self.x_tracker, self.w_tracker = (ScaleTracker(E4M3, mode, history_len, amax_algo) for _ in range(2))
+        self.g_tracker = ScaleTracker(E5M2, mode, history_len, amax_algo)
+
+    def forward(self, x):
+        y = _Fp8Linear.apply(x.reshape(-1, self.in_features), self.weight, self)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "Fp8Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+
+def convert_to_fp8(model: nn.Module, **kwargs) -> nn.Module:
+    """Swap every nn.Linear inside the transformer blocks for an Fp8Linear with the same weights. The output head
+    (and the embeddings) stay in high precision: the logits' small differences decide the loss."""
+    for block in model.blocks:
+        for name, child in list(block.named_modules()):
+            for attr, sub in list(child.named_children()):
+                if isinstance(sub, nn.Linear):
+                    setattr(child, attr, Fp8Linear.from_linear(sub, **kwargs))
+    return model
+
+
+# --- a tiny model and real data ------------------------------------------
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # bytes
+    seq_len: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 64
+    tie_weights: bool = True
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(4))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (lin(x).view(B, T, self.n_head, -1).transpose(1, 2) for lin in (self.q, self.k, self.v))  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.Linear(4 * cfg.d_model, cfg.d_model)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1, self.attn, self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), Attention(cfg), nn.LayerNorm(cfg.d_model), MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb, self.pos_emb = nn.Embedding(cfg.vocab_size, cfg.d_model), nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f, self.head = nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.head.weight = self.tok_emb.weight
+        for m in self.modules():  # GPT-2's initialisation: small weights keep the first logits near uniform
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, idx, targets=None):
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+
+
+TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".html", ".htm", ".json", ".c", ".h"}
+
+
+def load_text(path: str | None = None, max_bytes: int = 8_000_000) -> torch.Tensor:
+    """Bytes of real text as uint8: by default the standard library's own .py files; else a file, a folder, or the
+    JSONL ('text' field) that data_pipeline.py writes."""
+    if path is None:
+        files = sorted(Path(os.__file__).parent.glob("*.py"))
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise ValueError(f"--data {path}: no such file or folder")
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES | {".jsonl"})
+    chunks, total = [], 0
+    for f in files:
+        raw = f.read_bytes()
+        if f.suffix == ".jsonl":
+            raw = "\n\n".join(json.loads(line)["text"] for line in raw.decode().splitlines() if line.strip()).encode()
+        chunks.append(raw)
+        total += len(raw)
+        if total >= max_bytes:
+            break
+    data = torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8)
+    if data.numel() < 2:
+        raise ValueError(f"--data {path}: no text found")
+    return data
+
+
+def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
+    """batch_size random windows of seq_len bytes and the same shifted by one: (B, T) int64 inputs and targets."""
+    if data.numel() <= seq_len + 1:
+        raise ValueError(f"the text has {data.numel()} bytes, fewer than one sequence of {seq_len + 1}: "
+                         f"lower --seq-len or give more --data")
+    starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=generator)
+    x = torch.stack([data[s: s + seq_len] for s in starts.tolist()]).long()
+    y = torch.stack([data[s + 1: s + seq_len + 1] for s in starts.tolist()]).long()
+    return x, y
+
+
+# --- demo --------------------------------------------------------------
+
+RECIPES = ("fp32", "bf16", "fp16", "fp8")
+
+
+def check_recipe(recipe: str, device) -> None:
+    """One clear line if this device cannot run the recipe."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}: choose from {', '.join(RECIPES)}")
+    dtype = {"fp16": torch.float16, "fp8": E4M3, "bf16": torch.bfloat16}.get(recipe)
+    if dtype is None:
+        return
+    try:
+        if recipe == "fp8":
+            one = torch.ones((), device=device)
+            a = torch.ones(16, 16, device=device).to(E4M3)
+            fp8_matmul(a, a.t(), one, one)
+        else:
+            torch.ones(4, 4, dtype=dtype, device=device) @ torch.ones(4, 4, dtype=dtype, device=device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{recipe} does not run on {device} ({str(e).splitlines()[0][:80]}): use bf16 or fp32") from e
+
+
+def bytes_per_param(model, optimizer) -> dict:
+    """Bytes per model parameter that this recipe holds, counted from the tensors themselves."""
+    params = [p for p in model.parameters()]
+    n = sum(p.numel() for p in params)
+    inner = optimizer.optimizer if isinstance(optimizer, MasterWeights) else optimizer
+    states = [t for s in inner.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.numel() > 1]
+    master = sum(m.numel() * m.element_size() for m in optimizer.master) if isinstance(optimizer, MasterWeights) else 0
+    return {"params": sum(p.numel() * p.element_size() for p in params) / n,
+            "grads": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None) / n,
+            "optimizer": (master + sum(t.numel() * t.element_size() for t in states)) / n}
+
+
+def train(recipe: str = "fp32", steps: int = 100, cfg: GPTConfig | None = None, batch_size: int = 16, lr: float = 1e-3,
+          data=None, device="cpu", seed: int = 0, log_every: int = 0, fp8_scaling: str = "current") -> dict:
+    """Train TinyGPT with one precision recipe; the same seed and batches for every recipe."""
+    cfg = cfg or GPTConfig()
+    device = torch.device(device)
+    check_recipe(recipe, device)
+    data = load_text() if data is None else data
+    torch.manual_seed(seed)
+    model = TinyGPT(cfg).to(device)
+    if recipe == "fp8":
+        convert_to_fp8(model, scaling=fp8_scaling)
+    scaler = None
+    if recipe == "fp16":
+        model.half()
+        opt = MasterWeights(model, lr=lr, weight_decay=0.1)
+        scaler = DynamicLossScaler(growth_interval=50)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    losses, times, skipped, per_param = [], [], 0, None
+    for step in range(steps):
+        x, y = (t.to(device) for t in get_batch(data, batch_size, cfg.seq_len, gen))
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe == "bf16"):
+            loss = model(x, y)
+        if scaler:
+            scaler.scale(loss).backward()
+            opt.copy_grads()  # fp16 gradients into the fp32 master copy, still scaled
+            scaler.unscale_(opt)
+            skipped += not scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        if step == steps - 1:
+            per_param = bytes_per_param(model, opt)
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"{recipe} | step {step + 1}/{steps} | loss {losses[-1]:.3f} | {times[-1] * 1e3:.0f} ms", flush=True)
+    return {"recipe": recipe, "losses": losses, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "ms_per_step": statistics.median(times) * 1e3, "bytes_per_param": per_param, "skipped_steps": skipped,
+            "overflows": scaler.overflows if scaler else 0, "growths": scaler.growths if scaler else 0,
+            "final_scale": scaler.scale_value if scaler else None}
+
+
+def print_formats() -> None:
+    print(f"{'format':<14} {'bits':>4} {'exp':>4} {'mant':>5} {'max':>12} {'smallest normal':>16} "
+          f"{'smallest subnormal':>19} {'eps':>10}")
+    for r in format_table():
+        print(f"{r['format']:<14} {r['bits']:>4} {r['exponent_bits']:>4} {r['mantissa_bits']:>5} {r['max']:>12.6g} "
+              f"{r['smallest_normal']:>16.6g} {r['smallest_subnormal']:>19.6g} {r['eps']:>10.6g}")
+    d = demonstrations()
+    print("\n1 + 2^-8 = 1.00390625 stored in each format: " +
+          ", ".join(f"{k} {v:.8g}" for k, v in d["1 + 2^-8"].items()))
+    print("a gradient of 1e-8: " + ", ".join(f"{k} {v:.3g}" for k, v in d["gradient 1e-8"].items())
+          + "  (fp16 flushes it to 0; bf16 keeps fp32's exponent range)")
+    print(f"fp16 overflow: 65504 is the largest fp16; 65520 becomes {d['fp16 65504 -> 65520']}")
+
+
+def print_compare(results: list[dict]) -> None:
+    base = results[0]["final_loss"]
+    print(f"\n{'recipe':<6} | {'final loss':>10} {'gap to fp32':>11} | {'bytes/param: params':>19} {'grads':>6} "
+          f"{'optimizer':>9} {'total':>6} | {'overflows':>9} {'growths':>7} {'skipped':>7} | {'ms/step':>8}")
+    for r in results:
+        b = r["bytes_per_param"]
+        print(f"{r['recipe']:<6} | {r['final_loss']:>10.4f} {r['final_loss'] - base:>+11.4f} | {b['params']:>19.2f} "
+              f"{b['grads']:>6.2f} {b['optimizer']:>9.2f} {sum(b.values()):>6.2f} | {r['overflows']:>9} "
+              f"{r['growths']:>7} {r['skipped_steps']:>7} | {r['ms_per_step']:>8.1f}")
+    print("(final loss = mean of the last 10 steps' training losses; fp16 = fp16 weights and activations with fp32 "
+          "master weights and Adam states: 2 + 2 + 12 = 16 bytes)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--formats", action="store_true", help="print the format table and the demonstrations")
+    p.add_argument("--compare", action="store_true", help="train with every recipe, same seed and data")
+    p.add_argument("--recipe", default="bf16", help=f"a single run: {', '.join(RECIPES)}")
+    p.add_argument("--fp8-scaling", choices=["current", "delayed", "block"], default="current")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3, help="at 3e-3 this tiny model leaves a plateau at a step that "
+                   "rounding can shift, and the recipes' curves part; 1e-3 compares like with like")
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    args = p.parse_args(argv)
+    if args.formats:
+        return print_formats()
+    recipes = list(RECIPES) if args.compare else [args.recipe]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        for r in recipes:
+            check_recipe(r, device)
+        data = load_text(args.data)
+    except ValueError as e:
+        p.error(str(e))
+    cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
+    rank, n, device = setup_distributed(args.device)
+    try:
+        # under torchrun the recipes are shared out: recipe i runs on rank i mod N, the results meet on rank 0
+        mine = [train(r, args.steps, cfg, args.batch_size, args.lr, data, device, seed=0,
+                      log_every=max(1, args.steps // 4), fp8_scaling=args.fp8_scaling)
+                for i, r in enumerate(recipes) if i % n == rank]
+        gathered = [None] * n
+        dist.all_gather_object(gathered, mine)
+        results = sorted((r for part in gathered for r in part), key=lambda r: recipes.index(r["recipe"]))
+        if rank == 0:
+            print_compare(results)
+        return results
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()
