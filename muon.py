@@ -78,7 +78,7 @@ def newton_schulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype=Non
         A = X @ X.T
         B = torch.addmm(A, A, A, beta=b, alpha=c)  # b·A + c·A²; addmm fuses it: one rounding, not three, in bf16
         X = torch.addmm(X, B, X, beta=a)  # a·X + B·X
-    return (X.T if tall else X).to(G.dtype)
+    return (X.T if tall else X).to(G.dtype).contiguous()
 
 
 SCALES = ("none", "keller", "mup", "moonlight")

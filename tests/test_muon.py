@@ -72,7 +72,9 @@ def _distributed_equals_single():
         opt.step()
         ref_opt.step()
     for p, q in zip(ps, ref):
-        assert torch.equal(p, q)  # the same arithmetic, only on another rank: bit-for-bit
+        # the same arithmetic on another rank; the BLAS may block a matmul differently for differently aligned
+        # buffers, so allow float32 rounding (a wrong owner or a missing broadcast would be off by whole updates)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
     return opt.ns_calls
 
 
