@@ -1,0 +1,249 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+from datasketch import MinHash
+from datasketch.lsh import _optimal_param
+
+import data_pipeline as dp
+from harness import cli_error, run_distributed, run_script
+
+PROSE = ("The history of the city is long and it has been told many times. In the early years the people "
+         "who lived there were farmers, and they traded with the towns along the river. Over the centuries the "
+         "town grew into a centre of learning, with a university that was founded in the thirteenth century. "
+         "Today it is known for its old buildings, its markets and the festivals that take place in summer. "
+         "Visitors come from all over the world to walk along the walls and to see the cathedral.")
+
+
+# --- part 1: extraction, rules, PII, exact dedup, the funnel ---------------------------------------
+
+def test_extract_text_keeps_structure_and_drops_boilerplate():
+    page = """<html><head><title>t</title><style>p{color:red}</style></head><body>
+    <nav><a href="/">Home</a></nav><header>Site header</header>
+    <h1>Caf&eacute; &amp; Bar</h1><p>First   paragraph
+    with a <b>bold</b> word.</p><script>var x = 1;</script>
+    <ul><li>one</li><li>two<ul><li>nested</li></ul></li></ul>
+    <table><tr><th>a</th><td>1</td></tr><tr><th>b</th><td>2</td></tr></table>
+    <aside>ad</aside><form><input value="q"></form><footer>(c) 2024</footer></body></html>"""
+    text = dp.extract_text(page)
+    assert text.split("\n\n")[0] == "Café & Bar"
+    assert "First paragraph with a bold word." in text
+    for gone in ("color:red", "var x", "Home", "Site header", "ad", "(c) 2024"):
+        assert gone not in text, gone
+    lines = text.splitlines()
+    assert "- one" in lines and "- two" in lines and "- nested" in lines
+    assert "a | 1" in lines and "b | 2" in lines
+    assert "\n\n\n" not in text
+
+
+def test_each_rule_fails_alone_and_good_text_passes():
+    assert dp.gopher_quality(PROSE) == [] and dp.gopher_repetition(PROSE) == []
+    good = dp.Document("d", "s", PROSE)
+    assert dp.c4_rules(good) == []
+    assert dp.gopher_quality("word " * 20)[0].startswith("gopher: 20 words")
+    assert dp.gopher_quality(PROSE + " #tag" * 12) == ["gopher: symbol-to-word ratio"]
+    assert "gopher: mean word length" in dp.gopher_quality(" ".join(["incomprehensibilities"] * 60))
+    assert dp.gopher_quality(" ".join(f"w{i} {i}" for i in range(60)) + " the and")  # words without letters
+    no_stop = " ".join(["cat dog bird fish horse cow sheep goat"] * 8)
+    assert "gopher: no stop words" in dp.gopher_quality(no_stop)
+    bullets = "\n".join(f"- item number {i} of the list and more" for i in range(12))
+    assert "gopher: bullet lines" in dp.gopher_quality(bullets)
+    ellipsis = "\n".join(f"and so the story of the town goes on {i}..." for i in range(12))
+    assert "gopher: ellipsis lines" in dp.gopher_quality(ellipsis)
+    assert dp.gopher_repetition((PROSE + "\n") * 3)[0] in ("gopher: duplicate lines", "gopher: duplicate paragraphs")
+    assert dp.c4_rules(dp.Document("d", "s", PROSE + " Lorem ipsum dolor.")) == ["c4: lorem ipsum"]
+    assert dp.c4_rules(dp.Document("d", "s", PROSE + " {x}")) == ["c4: curly brace"]
+    short = dp.Document("d", "s", "Please enable JavaScript to view this page.\nMenu\nHome")
+    assert dp.c4_rules(short) == ["c4: fewer than 3 sentences"]
+    cleaned = dp.Document("d", "s", PROSE + "\nThis site uses cookies to improve things.\nMenu")
+    assert dp.c4_rules(cleaned) == [] and "cookies" not in cleaned.text and "Menu" not in cleaned.text
+    assert dp.detect_language(PROSE) == "en"
+    assert dp.detect_language("Die Stadt ist alt und die Geschichte der Stadt ist lang, und sie wird nicht vergessen.") == "de"
+    assert dp.detect_language("这是一个关于城市历史的长篇文章，讲述了很多故事。") == "zh"
+    assert dp.code_rules("def f(x):\n    return x + 1\n") == []
+    assert "code: generated file" in dp.code_rules("# Auto-generated file. DO NOT EDIT.\nx = 1\n")
+    assert "code: line over 1000 characters" in dp.code_rules("x = '" + "a" * 1200 + "'\n")
+
+
+PII_POSITIVES = [("mail me at jane.doe+news@example.co.uk today", "<EMAIL>"),
+                 ("server 192.168.10.254 is down", "<IP>"), ("ping 2001:db8:85a3::8a2e:370:7334 now", "<IP>"),
+                 ("fe80:0:0:0:202:b3ff:fe1e:8329", "<IP>"), ("call +44 20 7946 0958 now", "<PHONE>"),
+                 ("call (555) 123-4567 now", "<PHONE>"), ("call 555-123-4567 now", "<PHONE>"),
+                 ("call +1 415 555 2671", "<PHONE>"), ("ring 020 7946 0958", "<PHONE>"),
+                 ("card 4111 1111 1111 1111 exp", "<CARD>"), ("card 5500-0000-0000-0004", "<CARD>")]
+PII_NEGATIVES = ["Python 3.11.7 was released", "version 1.2.3 and 10.4", "on 2024-01-15 at 12:30:45",
+                 "ISBN 978-3-16-148410-0", "price $1,234.56 or €99.99", "card 4111 1111 1111 1112 (fails Luhn)",
+                 "std::vector and x[::2]", "call me in 5 minutes", "error code 404", "the year 1999"]
+
+
+def test_scrub_pii_replaces_positives_and_leaves_look_alikes():
+    for text, tag in PII_POSITIVES:
+        out, counts = dp.scrub_pii(text)
+        assert tag in out and counts[tag] == 1, (text, out)
+    for text in PII_NEGATIVES:
+        out, counts = dp.scrub_pii(text)
+        assert out == text and not counts, (text, out)
+
+
+def test_exact_dedup_keeps_the_first_of_normalised_duplicates():
+    docs = [dp.Document(str(i), "s", t) for i, t in
+            enumerate(["Hello  World", "hello world", "ﬁne day", "fine   DAY", "other"])]
+    kept, owner = dp.exact_dedup(docs)
+    assert [d.id for d in kept] == ["0", "2", "4"] and owner == [0, 0, 2, 2, 4]
+
+
+def test_cli_round_trips_a_folder_and_the_funnel_adds_up(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "page.html").write_text(f"<html><body><nav>menu</nav><p>{PROSE}</p></body></html>")
+    (src / "copy.txt").write_text(PROSE)  # the same text again: exact duplicate
+    (src / "short.md").write_text("too short")
+    (src / "bin.txt").write_bytes(b"\x00\x01\x02binary")
+    (src / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (src / "near.txt").write_text(PROSE.replace("farmers", "fishermen"))  # near-duplicate of copy.txt
+    other = ("A river runs through the valley and the farms on both of its banks. In spring the water rises and the "
+             "fields turn green, while in autumn the harvest is brought to the market in the old town. The people "
+             "of the valley have kept their songs and their stories for a very long time, and they tell them to "
+             "every visitor who stops at the inn by the bridge. Many of the houses are made of stone and wood.")
+    (src / "data.jsonl").write_text(json.dumps({"text": other}) + "\n{not json\n" + json.dumps({"other": 1}) + "\n")
+    out = tmp_path / "clean.jsonl"
+    proc = run_script(["data_pipeline.py", str(src), "--output", str(out), "--skip", "model"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in rows] == [PROSE, other]  # copy.txt first; page.html, near.txt removed
+    assert all(set(r) == {"id", "source", "text"} for r in rows)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    stages = stats["stages"]
+    for a, b in zip(stages, stages[1:]):
+        assert a["docs_out"] == b["docs_in"]
+    for s in stages:  # every document that left a stage has a reason (PII only rewrites)
+        assert s["docs_in"] - s["docs_out"] == (0 if s["stage"] == "pii" else sum(s["reasons"].values())), s
+    assert stages[0]["reasons"] == {"binary file": 1, "bad utf-8": 1, "malformed jsonl line": 2}
+    assert "data.jsonl:2" in stats["examples"]["malformed jsonl line"]
+    assert {s["stage"]: s["docs_in"] - s["docs_out"] for s in stages}["fuzzy"] == 1
+
+
+def test_empty_input_is_reported_not_a_crash(tmp_path):
+    proc = run_script(["data_pipeline.py", str(tmp_path), "--output", str(tmp_path / "o.jsonl")])
+    assert "no document could be read" in proc.stdout
+
+
+# --- part 2: MinHash, LSH, fuzzy dedup, mixtures, post-training -------------------------------
+
+def test_sha1_signatures_equal_datasketch_bit_for_bit():
+    texts = [PROSE, PROSE[:200], "a b c", ""]
+    ours = dp.MinHasher(128, 5, seed=3, hash="sha1").signatures(texts)
+    for text, sig in zip(texts[:3], ours):
+        m = MinHash(num_perm=128, seed=3, scheme="legacy")  # datasketch's mod-(2^61 - 1) permutations
+        for s in set(dp.shingles(text, 5)):
+            m.update(s.encode("utf-8"))
+        assert np.array_equal(sig, m.hashvalues)
+    assert (ours[3] == dp.MAX_HASH).all()
+
+
+def test_lsh_params_equal_datasketch():
+    for threshold in (0.5, 0.6, 0.7, 0.8, 0.9):
+        for num_perm in (64, 128, 256):
+            assert dp.lsh_params(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5), (threshold, num_perm)
+
+
+def exact_jaccard(a, b, n=5):
+    sa, sb = set(dp.shingles(a, n)), set(dp.shingles(b, n))
+    return len(sa & sb) / len(sa | sb)
+
+
+def test_fast_hash_estimates_jaccard_within_the_minhash_error():
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(300)]
+    hasher = dp.MinHasher(256, 5, hash="fast")
+    errors = []
+    for _ in range(40):
+        a = [rng.choice(vocab) for _ in range(200)]
+        b = a[:]
+        for i in rng.sample(range(200), rng.randint(0, 120)):
+            b[i] = rng.choice(vocab)
+        sa, sb = hasher.signatures([" ".join(a), " ".join(b)])
+        errors.append(dp.estimated_jaccard(sa, sb) - exact_jaccard(" ".join(a), " ".join(b)))
+    # each estimate is a mean of 256 Bernoulli trials: standard error ≤ 1/(2·16) = 0.031; 3 of them bound it
+    assert max(map(abs, errors)) < 3 / np.sqrt(256)
+    assert abs(np.mean(errors)) < 0.02  # and it is unbiased
+
+
+def planted_corpus(n_base=60, seed=0):
+    """Random 300-word documents, and copies of some with a contiguous 2-10 % of their words rewritten (a changed
+    paragraph, a different footer): exact 5-shingle Jaccard with the original from about 0.93 down to 0.79."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(5000)]
+    texts = []
+    for _ in range(n_base):
+        base = [rng.choice(vocab) for _ in range(300)]
+        texts.append(" ".join(base))
+        for _ in range(rng.randint(0, 2)):
+            copy = base[:]
+            k = int(300 * rng.uniform(0.02, 0.10))
+            start = rng.randrange(0, 300 - k)
+            copy[start:start + k] = [rng.choice(vocab) for _ in range(k)]
+            texts.append(" ".join(copy))
+    rng.shuffle(texts)
+    return texts
+
+
+def test_fuzzy_dedup_recall_and_precision_on_planted_near_duplicates():
+    texts = planted_corpus()
+    keep, clusters = dp.fuzzy_dedup(texts, threshold=0.8)
+    # Ground truth per document: it duplicates an earlier one if their exact Jaccard is >= 0.8, so it must go.
+    # Documents whose closest earlier document lies within ±0.05 of the threshold are too close to call for 128
+    # permutations (the estimate's standard error there is √(0.8·0.2/128) = 0.035) and count neither way.
+    best = [max((exact_jaccard(texts[i], texts[j]) for j in range(i)), default=0.0) for i in range(len(texts))]
+    decided = [i for i in range(len(texts)) if abs(best[i] - 0.8) > 0.05]
+    truth = {i for i in decided if best[i] >= 0.8}
+    removed = {i for i in decided if not keep[i]}
+    recall, precision = len(removed & truth) / len(truth), len(removed & truth) / len(removed)
+    assert len(truth) >= 20 and recall >= 0.95 and precision >= 0.95, (len(truth), recall, precision)
+    assert all(keep[min(c)] and not keep[sorted(c)[1:]].any() for c in clusters)
+
+
+def _distributed_dedup():
+    texts = planted_corpus(40, seed=1)
+    keep, clusters = dp.fuzzy_dedup(texts, threshold=0.8)
+    return keep.tolist(), sorted(map(sorted, clusters))
+
+
+def test_two_ranks_give_the_single_process_result():
+    texts = planted_corpus(40, seed=1)
+    keep, clusters = dp.fuzzy_dedup(texts, threshold=0.8)
+    results = run_distributed(_distributed_dedup, 2)
+    assert results[0] == results[1] == (keep.tolist(), sorted(map(sorted, clusters)))
+
+
+def test_mixture_and_curriculum_plans_add_up():
+    plan = dp.plan_mixture({"web": 1e12, "code": 1e11, "books": 2e10}, {"web": 0.7, "code": 0.2, "books": 0.1}, 1e12)
+    assert sum(s["tokens"] for s in plan["sources"].values()) == pytest.approx(1e12)
+    assert plan["sources"]["books"]["epochs"] == pytest.approx(5.0)
+    assert len(plan["warnings"]) == 1 and plan["warnings"][0].startswith("books: 5.0 epochs")
+    for preset in dp.MIXTURE_PRESETS.values():
+        assert sum(preset.values()) == pytest.approx(1.0, abs=0.011)  # GPT-3 table 2.2 rounds to 101 %
+    docs = [dp.Document(str(i), "s", f"text {i} " * (i + 1), "code" if i % 3 == 0 else "prose") for i in range(30)]
+    stages = dp.plan_curriculum(docs, list(range(30)), 1e6)
+    assert [s["stage"] for s in stages] == ["general", "high-quality", "code-and-math", "annealing"]
+    assert sum(s["tokens"] for s in stages) == pytest.approx(1e6)
+    assert 0.01 <= stages[-1]["share"] <= 0.05 and [d.id for d in stages[-1]["pool"]] == ["0", "1", "2"]
+
+
+def test_post_training_formats():
+    good = {"instruction": "Add.", "input": "2 2", "output": "4"}
+    assert dp.validate_sft(good) == [] and dp.validate_sft({"instruction": " ", "output": "x"}) == ["empty instruction"]
+    assert dp.to_chat(good) == [{"role": "user", "content": "Add.\n\n2 2"}, {"role": "assistant", "content": "4"}]
+    assert dp.validate_preference({"prompt": "p", "chosen": "a", "rejected": "a"}) == ["chosen equals rejected"]
+    stats = dp.post_training_stats([good, good, {"instruction": "x"}], "sft")
+    assert stats["duplicates"] == 1 and stats["valid"] == 2 and stats["problems"] == {"missing output": 1}
+    assert dp.chinchilla_tokens(7e9) == 1.4e11
+
+
+@pytest.mark.parametrize("args, message", [(["--threshold", "1.5"], "--threshold 1.5: must lie strictly between 0 and 1"),
+                                           (["/no/such/dir"], "input /no/such/dir: no such file or folder"),
+                                           (["--num-perm", "4"], "--num-perm 4: too few permutations")])
+def test_bad_input(args, message, capsys):
+    assert message in cli_error(dp.main, args, capsys)
+    assert not dist.is_initialized()
