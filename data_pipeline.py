@@ -29,7 +29,6 @@ import struct
 import sys
 import time
 import unicodedata
-import zlib
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -556,15 +555,18 @@ def sha1_hash32(data: bytes) -> int:
 
 
 class MinHasher:
-    """MinHash signatures for many documents at once.
+    """MinHash signatures for many documents at once; P(two signatures agree at a position) = Jaccard(A, B).
 
-    Each of num_perm permutations is h -> (a·h + b) mod (2^61 - 1), truncated to 32 bits (with a, b drawn as
-    datasketch draws them, and numpy's uint64 arithmetic, overflow included); a document's signature is the minimum
-    over its shingles for each permutation, and P(two signatures agree at one position) = Jaccard(A, B).
+    hash="sha1" is classic MinHash: each shingle hashed with SHA-1, then num_perm permutations
+    h -> (a·h + b) mod (2^61 - 1), truncated to 32 bits, with a and b drawn as datasketch draws them and numpy's
+    uint64 arithmetic (its overflow included), so signatures equal datasketch.MinHash(scheme="legacy") bit for bit.
 
-    hash="sha1" hashes each shingle with SHA-1, so signatures equal datasketch.MinHash(scheme="legacy") bit for bit.
-    hash="fast" hashes each distinct word once (crc32) and combines the n word hashes of a shingle in numpy:
-    the same estimator, without a Python call per shingle."""
+    hash="fast" hashes all words of a document in a few array operations (see word_hashes), combines a shingle's
+    n word hashes, and applies
+    ONE such permutation per shingle: its value's low bits pick one of num_perm bins and the rest is kept, the
+    minimum per bin (one-permutation hashing, Li, Owen and Zhang 2012). Empty bins, in documents with few shingles,
+    borrow a filled bin chosen by a fixed hash of the bin (optimal densification, Shrivastava 2017), the same choice
+    in every document, so matches stay Jaccard-distributed. Work per shingle: 1 permutation instead of num_perm."""
 
     def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 1, hash: str = "fast"):
         if hash not in ("fast", "sha1"):
@@ -574,45 +576,106 @@ class MinHasher:
         ab = np.array([(gen.randint(1, MERSENNE_PRIME, dtype=np.uint64), gen.randint(0, MERSENNE_PRIME, dtype=np.uint64))
                        for _ in range(num_perm)], dtype=np.uint64)
         self.a, self.b = ab[:, 0], ab[:, 1]
-        self._word_hash = {}
+        self.borrow = np.random.RandomState(seed + 1).randint(0, num_perm, size=(num_perm, 64))  # densification
 
     def shingle_hashes(self, text: str) -> np.ndarray:
         """32-bit hashes of the document's distinct shingles (uint64 array)."""
         if self.hash == "sha1":
             return np.array(sorted({sha1_hash32(s.encode("utf-8")) for s in shingles(text, self.ngram)}),
                             dtype=np.uint64)
-        words = text.lower().split()
-        if not words:
+        wh = self.word_hashes(text)
+        if not len(wh):
             return np.zeros(0, dtype=np.uint64)
-        wh = np.fromiter((self._word_hash.setdefault(w, zlib.crc32(w.encode("utf-8"))) for w in words),
-                         dtype=np.uint64, count=len(words))
-        n = min(self.ngram, len(words))
-        h = np.zeros(len(words) - n + 1, dtype=np.uint64)
-        for j in range(n):  # polynomial combination of the n word hashes, kept to 32 bits
-            h = (h * np.uint64(1_000_003) + wh[j: len(words) - n + 1 + j]) & np.uint64(MAX_HASH)
+        n = min(self.ngram, len(wh))
+        h = np.zeros(len(wh) - n + 1, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(n):  # polynomial combination of the n word hashes, kept to 32 bits
+                h = (h * np.uint64(1_000_003) + wh[j: len(wh) - n + 1 + j]) & np.uint64(MAX_HASH)
         return np.unique(h)
+
+    _P = np.uint64(0x100000001B3)  # FNV's 64-bit prime; odd, so invertible modulo 2^64
+    _P_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
+    _LOWER = np.array([c + 32 if 65 <= c <= 90 else c for c in range(256)], dtype=np.uint64)
+    _SPACE = np.isin(np.arange(256), [9, 10, 11, 12, 13, 32])
+
+    def word_hashes(self, text: str) -> np.ndarray:
+        """A 32-bit hash of every word, all words of the text at once: words are runs of non-whitespace bytes
+        (ASCII whitespace and case), and word [s, e) hashes to Σ byte_i·P^(e-1-i) mod 2^64, read off prefix sums
+        of byte_i·P^-i as (S[e-1] - S[s-1])·P^(e-1)."""
+        b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        if not len(b):
+            return np.zeros(0, dtype=np.uint64)
+        inside = ~self._SPACE[b]
+        edges = np.diff(np.concatenate([[0], inside.astype(np.int8), [0]]))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        if not len(starts):
+            return np.zeros(0, dtype=np.uint64)
+        if len(getattr(self, "_pow", ())) < len(b):  # P^i and P^-i, computed once for the longest text so far
+            with np.errstate(over="ignore"):
+                m = max(len(b), 1 << 16)
+                self._inv_pow = np.cumprod(np.full(m, self._P_INV, dtype=np.uint64)) * self._P
+                self._pow = np.cumprod(np.full(m, self._P, dtype=np.uint64)) * self._P_INV
+        inv_pow, pow_ = self._inv_pow[: len(b)], self._pow
+        with np.errstate(over="ignore"):
+            S = np.cumsum((self._LOWER[b] + np.uint64(1)) * inv_pow)
+            before = np.where(starts > 0, S[np.maximum(starts - 1, 0)], np.uint64(0))
+            h = (S[ends - 1] - before) * pow_[ends - 1]
+        return (h ^ (h >> np.uint64(32))) & np.uint64(MAX_HASH)
+
+    @staticmethod
+    def permute(h: np.ndarray, a, b) -> np.ndarray:
+        """(a·h + b) mod (2^61 - 1) on uint64 (the product wraps mod 2^64, as in datasketch), without a division:
+        2^61 ≡ 1 (mod p), so y ≡ (y >> 61) + (y & p), and one subtraction finishes the job."""
+        with np.errstate(over="ignore"):
+            y = h * a + b
+        y = (y >> np.uint64(61)) + (y & np.uint64(MERSENNE_PRIME))
+        return y - np.uint64(MERSENNE_PRIME) * (y >= np.uint64(MERSENNE_PRIME))
 
     def signatures(self, texts: list[str], chunk: int = 1 << 16) -> np.ndarray:
         """(n_docs, num_perm) uint64 signatures; a document without shingles gets all MAX_HASH."""
-        out = np.full((len(texts), self.num_perm), MAX_HASH, dtype=np.uint64)
         hashes = [self.shingle_hashes(t) for t in texts]
+        if self.hash == "fast":
+            return self._one_permutation(hashes)
+        out = np.full((len(texts), self.num_perm), MAX_HASH, dtype=np.uint64)
         i = 0
         while i < len(texts):  # permute a block of documents' shingles in one array operation
             j, total = i, 0
             while j < len(texts) and (total == 0 or total + len(hashes[j]) <= chunk):
                 total += len(hashes[j])
                 j += 1
-            block = [h for h in hashes[i:j]]
-            sizes = np.array([len(h) for h in block])
+            sizes = np.array([len(h) for h in hashes[i:j]])
             if sizes.sum():
-                allh = np.concatenate(block)
-                with np.errstate(over="ignore"):
-                    phv = ((allh[:, None] * self.a[None, :] + self.b[None, :]) % np.uint64(MERSENNE_PRIME)) \
-                        & np.uint64(MAX_HASH)  # (shingles, num_perm)
+                phv = self.permute(np.concatenate(hashes[i:j])[:, None], self.a[None, :], self.b[None, :]) \
+                    & np.uint64(MAX_HASH)  # (shingles, num_perm)
                 starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
                 nonempty = sizes > 0
                 out[np.arange(i, j)[nonempty]] = np.minimum.reduceat(phv, starts[nonempty], axis=0)
             i = j
+        return out
+
+    def _one_permutation(self, hashes: list[np.ndarray]) -> np.ndarray:
+        k = self.num_perm
+        out = np.full((len(hashes), k), MAX_HASH, dtype=np.uint64)
+        sizes = np.array([len(h) for h in hashes])
+        if sizes.sum() == 0:
+            return out
+        v = self.permute(np.concatenate(hashes), self.a[0], self.b[0])
+        doc = np.repeat(np.arange(len(hashes), dtype=np.uint64), sizes)
+        bin_, val = v % np.uint64(k), (v // np.uint64(k)) & np.uint64(MAX_HASH)
+        np.minimum.at(out.reshape(-1), (doc * np.uint64(k) + bin_).astype(np.int64), val)  # min per (doc, bin)
+        for row in np.flatnonzero((out == MAX_HASH).any(axis=1) & (sizes > 0)):  # densify the empty bins
+            sig = out[row]
+            filled = sig != MAX_HASH
+            empty = np.flatnonzero(~filled)
+            for t in range(self.borrow.shape[1]):
+                src = self.borrow[empty, t]
+                ok = filled[src]
+                sig[empty[ok]] = sig[src[ok]]  # values of originally filled bins only
+                empty = empty[~ok]
+                if not len(empty):
+                    break
+            else:  # 64 unlucky draws: take the first filled bin
+                sig[empty] = sig[np.flatnonzero(filled)[0]]
         return out
 
 
@@ -724,12 +787,14 @@ def fuzzy_dedup(texts: list[str], threshold: float = 0.8, num_perm: int = 128, n
     n_ranks = dist.get_world_size(group) if dist.is_initialized() else 1
     if n_ranks == 1:
         sigs = hasher.signatures(texts)
-        pairs = candidate_pairs(band_keys(sigs, bands, rows), np.arange(len(texts)))
+        signed = np.flatnonzero((sigs != MAX_HASH).any(axis=1))  # an empty document has no shingles: never a match
+        pairs = candidate_pairs(band_keys(sigs[signed], bands, rows), signed)
         return clusters_from_pairs(len(texts), pairs, sigs if verify else None, threshold)
     rank = dist.get_rank(group)
     mine = np.arange(rank, len(texts), n_ranks)
     my_sigs = hasher.signatures([texts[i] for i in mine])
-    keys = band_keys(my_sigs, bands, rows)
+    all_mine, signed = mine, (my_sigs != MAX_HASH).any(axis=1)
+    mine, keys = mine[signed], band_keys(my_sigs[signed], bands, rows)
     # one row per (document, band): [band, key, document], sent to the rank that owns the key
     rows_out = np.stack([np.repeat(np.arange(bands, dtype=np.uint64)[None, :], len(mine), 0).ravel(),
                          keys.ravel(), np.repeat(mine.astype(np.uint64), bands)], axis=1) if len(mine) else \
@@ -750,7 +815,7 @@ def fuzzy_dedup(texts: list[str], threshold: float = 0.8, num_perm: int = 128, n
     # signatures and pairs to everyone: every rank can then verify and build the same clusters
     all_sigs = np.zeros((len(texts), num_perm), dtype=np.uint64)
     parts = [None] * n_ranks
-    dist.all_gather_object(parts, (mine, my_sigs, sorted(pairs)))
+    dist.all_gather_object(parts, (all_mine, my_sigs, sorted(pairs)))
     all_pairs = set()
     for idx, s, p in parts:
         all_sigs[idx] = s

@@ -1,0 +1,113 @@
+"""Fuzzy dedup (data_pipeline.py) against datasketch on the default corpus, Python's standard library: MinHash
+signatures and the whole dedup (signatures, LSH, clusters) timed in one run, and both methods' recall and
+precision against exact Jaccard on a sample.
+
+Run:   python benchmarks/data_pipeline_bench.py
+       python benchmarks/data_pipeline_bench.py --sample 600 --threshold 0.7
+"""
+import argparse
+import collections
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from datasketch import MinHash, MinHashLSH
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data_pipeline as dp  # noqa: E402
+
+
+def datasketch_dedup(texts, threshold, num_perm, ngram):
+    """The usual datasketch recipe: MinHash.bulk over the shingle sets, MinHashLSH insert and query, and the first
+    document of each connected group kept."""
+    t0 = time.perf_counter()
+    sets = [[s.encode("utf-8") for s in set(dp.shingles(t, ngram))] for t in texts]
+    hashes = MinHash.bulk(sets, num_perm=num_perm)
+    t_sig = time.perf_counter() - t0
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    for i, m in enumerate(hashes):
+        lsh.insert(i, m)
+    uf = dp.UnionFind(len(texts))
+    for i, m in enumerate(hashes):
+        for j in lsh.query(m):
+            if j != i:
+                uf.union(i, j)
+    keep = np.array([uf.find(i) == i for i in range(len(texts))])
+    return keep, t_sig, time.perf_counter() - t0
+
+
+def quality(texts, keep, threshold, ngram, margin=0.05):
+    """Against exact Jaccard: link every pair with J >= threshold; in each connected group all but the first
+    document must go. Documents with a pair within ±margin of the threshold count neither way."""
+    sets = [set(dp.shingles(t, ngram)) for t in texts]
+    n = len(texts)
+    uf, unclear = dp.UnionFind(n), set()
+    for i in range(n):
+        for j in range(i + 1, n):
+            v = len(sets[i] & sets[j]) / max(1, len(sets[i] | sets[j]))
+            if v >= threshold:
+                uf.union(i, j)
+            if abs(v - threshold) <= margin:
+                unclear.update((i, j))
+    decided = [i for i in range(n) if i not in unclear]
+    truth = {i for i in decided if uf.find(i) != i}
+    removed = {i for i in decided if not keep[i]}
+    recall = len(removed & truth) / len(truth) if truth else float("nan")
+    precision = len(removed & truth) / len(removed) if removed else float("nan")
+    return recall, precision, len(truth)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threshold", type=float, default=0.8)
+    p.add_argument("--num-perm", type=int, default=128)
+    p.add_argument("--ngram", type=int, default=5)
+    p.add_argument("--sample", type=int, default=400, help="documents for the exact-Jaccard quality check")
+    args = p.parse_args(argv)
+    docs = dp.read_documents(dp.default_inputs(), collections.Counter(), {})
+    texts = [d.text for d in docs if d.text.strip()]
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    print(f"{len(texts)} documents, {mb:.1f} MB (Python's standard library); threshold {args.threshold}, "
+          f"{args.num_perm} permutations, {args.ngram}-word shingles")
+
+    t0 = time.perf_counter()
+    dp.MinHasher(args.num_perm, args.ngram, hash="fast").signatures(texts)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dp.MinHasher(args.num_perm, args.ngram, hash="sha1").signatures(texts)
+    t_sha1 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    keep_ours, _ = dp.fuzzy_dedup(texts, args.threshold, args.num_perm, args.ngram)
+    t_ours = time.perf_counter() - t0
+    keep_ds, t_ds_sig, t_ds = datasketch_dedup(texts, args.threshold, args.num_perm, args.ngram)
+    print(f"\n{'':<34} {'signatures s':>12} {'docs/s':>8} {'whole dedup s':>14} {'docs/s':>8} {'removed':>8}")
+    print(f"{'ours, hash=fast':<34} {t_fast:>12.2f} {len(texts) / t_fast:>8.0f} {t_ours:>14.2f} "
+          f"{len(texts) / t_ours:>8.0f} {(~keep_ours).sum():>8}")
+    print(f"{'ours, hash=sha1 (datasketch bits)':<34} {t_sha1:>12.2f} {len(texts) / t_sha1:>8.0f}")
+    print(f"{'datasketch MinHash.bulk + LSH':<34} {t_ds_sig:>12.2f} {len(texts) / t_ds_sig:>8.0f} {t_ds:>14.2f} "
+          f"{len(texts) / t_ds:>8.0f} {(~keep_ds).sum():>8}")
+    print(f"speed-up, ours (fast) over datasketch: signatures {t_ds_sig / t_fast:.1f}x, whole dedup {t_ds / t_ours:.1f}x")
+
+    rng = random.Random(0)
+    sample = [texts[i] for i in sorted(rng.sample(range(len(texts)), min(args.sample, len(texts))))]
+    # near-duplicates are rare in a random sample: add edited copies of some of its documents
+    planted = []
+    for t in sample[: len(sample) // 4]:
+        w = t.split()
+        if len(w) > 60:
+            k = max(1, int(len(w) * rng.uniform(0.01, 0.05)))
+            s = rng.randrange(0, len(w) - k)
+            planted.append(" ".join(w[:s] + ["edited"] * k + w[s + k:]))
+    sample += planted
+    keep_o, _ = dp.fuzzy_dedup(sample, args.threshold, args.num_perm, args.ngram)
+    keep_d, _, _ = datasketch_dedup(sample, args.threshold, args.num_perm, args.ngram)
+    print(f"\nquality on {len(sample)} documents ({len(planted)} of them edited copies), against exact Jaccard:")
+    for name, keep in (("ours", keep_o), ("datasketch", keep_d)):
+        r, p_, n = quality(sample, keep, args.threshold, args.ngram)
+        print(f"  {name:<11} recall {r:.3f}  precision {p_:.3f}  ({n} true duplicates)")
+
+
+if __name__ == "__main__":
+    main()
