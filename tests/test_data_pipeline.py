@@ -8,7 +8,7 @@ from datasketch import MinHash
 from datasketch.lsh import _optimal_param
 
 import data_pipeline as dp
-from harness import cli_error, run_distributed, run_script
+from harness import cli_error, readme_command, run_distributed, run_script, run_torchrun
 
 PROSE = ("The history of the city is long and it has been told many times. In the early years the people "
          "who lived there were farmers, and they traded with the towns along the river. Over the centuries the "
@@ -255,3 +255,13 @@ def test_post_training_formats():
 def test_bad_input(args, message, capsys):
     assert message in cli_error(dp.main, args, capsys)
     assert not dist.is_initialized()
+
+
+def test_readme_torchrun_line_runs_on_a_small_folder(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        (src / f"a{i}.txt").write_text(PROSE.replace("farmers", f"farmers {i}"))  # near-duplicates of each other
+    line = readme_command("data_pipeline.py").replace("clean.jsonl", str(tmp_path / "clean.jsonl"))
+    out = run_torchrun(line, f"{src} --skip model").stdout
+    assert "wrote 1 documents" in out
