@@ -22,7 +22,6 @@ import datetime
 import hashlib
 import html
 import json
-import math
 import os
 import re
 import struct

@@ -18,6 +18,7 @@ Run:   torchrun --nproc_per_node=4 pipeline_parallel.py --schedule 1f1b --microb
 """
 import argparse
 import datetime
+import json
 import os
 import statistics
 import time

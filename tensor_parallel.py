@@ -654,8 +654,7 @@ def print_report(r: dict, cfg: GPTConfig, batch_size: int, sequence_parallel: bo
     print(f"parameters per rank: {r['params_per_rank']:,} of the dense model's {r['dense_params']:,}; the split "
           f"matrices: {r['matrix_params_per_rank']:,} of {r['dense_matrix_params']:,} = 1/{r['dense_matrix_params'] / r['matrix_params_per_rank']:.2f} (formula 1/N = 1/{n})")
     calls = r["layer"]["calls"]
-    t = cfg.seq_len // n if sequence_parallel else cfg.seq_len
-    print(f"\ncollectives of one transformer layer, forward and backward (measured | formula):")
+    print("\ncollectives of one transformer layer, forward and backward (measured | formula):")
     if sequence_parallel:
         rows = [("all_gather", "forward", 2), ("reduce_scatter", "forward", 2), ("reduce_scatter", "backward", 2),
                 ("all_gather", "backward", 2)]

@@ -109,7 +109,7 @@ def test_cli_round_trips_a_folder_and_the_funnel_adds_up(tmp_path):
              "every visitor who stops at the inn by the bridge. Many of the houses are made of stone and wood.")
     (src / "data.jsonl").write_text(json.dumps({"text": other}) + "\n{not json\n" + json.dumps({"other": 1}) + "\n")
     out = tmp_path / "clean.jsonl"
-    proc = run_script(["data_pipeline.py", str(src), "--output", str(out), "--skip", "model"])
+    run_script(["data_pipeline.py", str(src), "--output", str(out), "--skip", "model"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["text"] for r in rows] == [PROSE, other]  # copy.txt first; page.html, near.txt removed
     assert all(set(r) == {"id", "source", "text"} for r in rows)

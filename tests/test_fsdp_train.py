@@ -2,7 +2,6 @@ import argparse
 import re
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import fsdp_train

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 import muon

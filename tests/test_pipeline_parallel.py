@@ -3,7 +3,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import pipeline_parallel as pp
 from harness import cli_error, readme_command, run_distributed, run_torchrun

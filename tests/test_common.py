@@ -1,0 +1,35 @@
+"""The parts every training script shares (rule 1: written out in each file, the same everywhere): check that they
+are in fact the same, and that each script's text loader reads what data_pipeline.py writes."""
+import importlib
+import inspect
+import json
+
+import pytest
+
+TRAINING_SCRIPTS = ["zero", "tensor_parallel", "pipeline_parallel", "fsdp_train", "muon", "mixed_precision"]
+SETUP_SCRIPTS = TRAINING_SCRIPTS + ["collectives", "data_pipeline"]
+COMMON = ["GPTConfig", "Attention", "MLP", "Block", "TinyGPT", "load_text", "get_batch"]
+
+
+@pytest.mark.parametrize("name", COMMON + ["setup_distributed", "cleanup"])
+def test_common_parts_are_identical_in_every_file(name):
+    scripts = SETUP_SCRIPTS if name in ("setup_distributed", "cleanup") else TRAINING_SCRIPTS
+    sources = {s: inspect.getsource(getattr(importlib.import_module(s), name)) for s in scripts}
+    reference = sources["zero"]
+    assert [s for s, src in sources.items() if src != reference] == []
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_load_text_reads_a_file_a_folder_and_pipeline_jsonl(script, tmp_path):
+    load_text = importlib.import_module(script).load_text
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("world")
+    rows = [{"id": "1", "source": "x", "text": "first"}, {"id": "2", "source": "y", "text": "second"}]
+    (tmp_path / "clean.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert bytes(load_text(str(tmp_path / "a.txt")).tolist()) == b"hello"
+    assert bytes(load_text(str(tmp_path / "clean.jsonl")).tolist()) == b"first\n\nsecond"
+    folder = bytes(load_text(str(tmp_path)).tolist())  # every text file below it, in sorted order
+    assert folder == b"hello" + b"first\n\nsecond" + b"world"
+    with pytest.raises(ValueError, match="no such file or folder"):
+        load_text(str(tmp_path / "missing"))
