@@ -202,7 +202,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = (lin(x).view(B, T, self.n_head, -1).transpose(1, 2) for lin in (self.q, self.k, self.v))  # (B, nh, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, C))
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))  # -1: C, or C/N when the heads are split
 
 
 class MLP(nn.Module):
