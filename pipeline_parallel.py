@@ -71,14 +71,17 @@ def partition_layers(n_layers: int, pp_size: int) -> list[range]:
     return [range(bounds[s], bounds[s + 1]) for s in range(pp_size)]
 
 
-SCHEDULES = ("gpipe", "1f1b", "zb-h1")
+SCHEDULES = ("gpipe", "1f1b", "zb-h1")  # executed by StageRunner; "interleaved" is simulated
 
 
-def schedule(kind: str, pp_size: int, n_microbatches: int, rank: int) -> list[tuple[str, int]]:
+def schedule(kind: str, pp_size: int, n_microbatches: int, rank: int, virtual: int = 2) -> list[tuple]:
     """The ordered actions of one rank: ("F", i) forward of micro-batch i, ("B", i) its backward; with zb-h1 the
     backward is split into ("B", i), the input gradient that the previous stage waits for, and ("W", i), the
-    weight gradient that nobody waits for and that fills the bubbles (Qi et al. 2023)."""
+    weight gradient that nobody waits for and that fills the bubbles (Qi et al. 2023). With interleaved each rank
+    holds `virtual` model chunks (chunk c of rank r is stage c·p + r) and actions are ("F", i, c) / ("B", i, c)."""
     p, m = pp_size, n_microbatches
+    if kind == "interleaved":
+        return interleaved_schedule(p, m, rank, virtual)
     if kind == "gpipe":  # every forward, then every backward: m micro-batches of activations alive at the peak
         return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
     if kind not in ("1f1b", "zb-h1"):
@@ -106,29 +109,52 @@ def schedule(kind: str, pp_size: int, n_microbatches: int, rank: int) -> list[tu
     return out + [("W", i) for i in held]
 
 
-def simulate(kind: str, pp_size: int, n_microbatches: int, t_forward: float = 1.0, t_backward: float = 2.0) -> dict:
+def interleaved_schedule(p: int, m: int, rank: int, v: int) -> list[tuple[str, int, int]]:
+    """Interleaved 1F1B (Narayanan et al. 2021): micro-batches go through the v chunks in groups of p, forward
+    chunk 0, 1, ..., backward in reverse; a deeper warm-up, then one forward, one backward. Each step is 1/v of a
+    stage's work, so the p - 1 slots of fill and drain shrink by v: bubble = (p-1) / (v·m + p - 1)."""
+    if m % p:
+        raise ValueError(f"interleaved needs the micro-batches ({m}) to be a multiple of the stages ({p})")
+    total = m * v
+    forward = lambda k: ("F", k // (p * v) * p + k % p, k // p % v)
+    backward = lambda k: ("B", k // (p * v) * p + k % p, v - 1 - k // p % v)
+    warmup = min((p - rank - 1) * 2 + (v - 1) * p, total)
+    actions = [forward(k) for k in range(warmup)]
+    for k in range(total - warmup):
+        actions += [forward(warmup + k), backward(k)]
+    return actions + [backward(k) for k in range(total - warmup, total)]
+
+
+def simulate(kind: str, pp_size: int, n_microbatches: int, t_forward: float = 1.0, t_backward: float = 2.0,
+             virtual: int = 2) -> dict:
     """Place every rank's actions in time from their dependencies: F(i) on rank r after F(i) on r-1; B(i) on r after
     B(i) on r+1 (and after F(i) on the last rank); W(i) after B(i). Returns the events, the makespan, the bubble
     (idle share of p·makespan) and each rank's peak number of micro-batches whose activations are alive.
-    With zb-h1, B and W each take half of t_backward."""
+    With zb-h1, B and W each take half of t_backward; with interleaved each of the v chunks takes 1/v, and F of
+    chunk c on rank 0 follows F of chunk c-1 on the last rank (B the other way round)."""
     p, m = pp_size, n_microbatches
-    orders = [schedule(kind, p, m, r) for r in range(p)]
-    cost = {"F": t_forward, "B": t_backward / 2 if kind == "zb-h1" else t_backward, "W": t_backward / 2}
+    v = virtual if kind == "interleaved" else 1
+    orders = [[a if len(a) == 3 else (*a, 0) for a in schedule(kind, p, m, r, v)] for r in range(p)]
+    cost = {"F": t_forward / v, "B": (t_backward / 2 if kind == "zb-h1" else t_backward) / v, "W": t_backward / 2}
     done, free, pos = {}, [0.0] * p, [0] * p
     events = [[] for _ in range(p)]
     while any(pos[r] < len(orders[r]) for r in range(p)):
         progress = False
         for r in range(p):
             while pos[r] < len(orders[r]):
-                a, i = orders[r][pos[r]]
-                need = {"F": [("F", i, r - 1)] if r > 0 else [],
-                        "B": [("B", i, r + 1)] if r < p - 1 else [("F", i, r)],
-                        "W": [("B", i, r)]}[a]
+                a, i, c = orders[r][pos[r]]
+                if a == "F":
+                    need = [("F", i, c, r - 1)] if r > 0 else ([("F", i, c - 1, p - 1)] if c > 0 else [])
+                elif a == "B":
+                    need = [("B", i, c, r + 1)] if r < p - 1 else \
+                        ([("B", i, c + 1, 0)] if c < v - 1 else [("F", i, c, r)])
+                else:
+                    need = [("B", i, c, r)]
                 if any(dep not in done for dep in need):
                     break
                 start = max([free[r]] + [done[dep] for dep in need])
-                done[(a, i, r)] = free[r] = start + cost[a]
-                events[r].append((a, i, start, free[r]))
+                done[(a, i, c, r)] = free[r] = start + cost[a]
+                events[r].append((a, f"{i}{'abcdefgh'[c]}" if v > 1 else i, start, free[r]))
                 pos[r] += 1
                 progress = True
         if not progress:
@@ -142,12 +168,13 @@ def simulate(kind: str, pp_size: int, n_microbatches: int, t_forward: float = 1.
             alive += {"F": 1, "B": 0 if kind == "zb-h1" else -1, "W": -1}[a]
             top = max(top, alive)
         peak.append(top)
-    return {"kind": kind, "p": p, "m": m, "events": events, "makespan": makespan,
+    return {"kind": kind, "p": p, "m": m, "v": v, "events": events, "makespan": makespan,
             "bubble": 1 - busy / (p * makespan), "peak_activations": peak}
 
 
-def bubble_formula(p: int, m: int) -> float:
-    return (p - 1) / (m + p - 1)
+def bubble_formula(p: int, m: int, v: int = 1) -> float:
+    """(p-1)/(m+p-1); with v interleaved chunks per rank, (p-1)/(v·m+p-1)."""
+    return (p - 1) / (v * m + p - 1)
 
 
 def render(timeline: dict) -> str:
@@ -435,7 +462,9 @@ def print_report(per_rank: list[dict]) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
+    p.add_argument("--schedule", choices=SCHEDULES + ("interleaved",), default="1f1b",
+                   help="interleaved (virtual stages) runs with --simulate only")
+    p.add_argument("--virtual", type=int, default=2, help="interleaved: model chunks per rank")
     p.add_argument("--microbatches", type=int, default=8, help="m: micro-batches per step")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step, split into m micro-batches")
@@ -454,11 +483,17 @@ def main(argv=None):
     if args.microbatches < 1:
         p.error(f"--microbatches {args.microbatches}: give at least 1")
     if args.simulate:
-        t = simulate(args.schedule, args.stages, args.microbatches)
+        v = args.virtual if args.schedule == "interleaved" else 1
+        if args.schedule == "interleaved" and args.microbatches % args.stages:
+            p.error(f"--microbatches {args.microbatches}: interleaved needs a multiple of --stages {args.stages}")
+        t = simulate(args.schedule, args.stages, args.microbatches, virtual=v)
         print(render(t))
-        print(f"bubble {t['bubble']:.3f} (formula (p-1)/(m+p-1) = {bubble_formula(args.stages, args.microbatches):.3f}); "
-              f"peak live micro-batches per rank {t['peak_activations']}")
+        print(f"bubble {t['bubble']:.3f} (formula (p-1)/({'v·' if v > 1 else ''}m+p-1) = "
+              f"{bubble_formula(args.stages, args.microbatches, v):.3f}); peak live "
+              f"{'micro-batch chunks' if v > 1 else 'micro-batches'} per rank {t['peak_activations']}")
         return t
+    if args.schedule == "interleaved":
+        p.error("--schedule interleaved runs in the simulator only: add --simulate, or train with 1f1b or zb-h1")
     if world > args.n_layer:
         p.error(f"{world} pipeline stages but only --n-layer {args.n_layer}: use --n-layer {world} or more")
     if args.batch_size % args.microbatches:

@@ -141,3 +141,19 @@ def test_bad_input_is_one_line_before_any_communication(args, env, message, monk
         monkeypatch.setenv(k, v)
     assert message in cli_error(pp.main, args, capsys)
     assert not dist.is_initialized()
+
+
+def test_interleaved_schedule_is_complete_and_shrinks_the_bubble_by_v():
+    for p in range(1, 9):
+        for m in range(p, 17, p):
+            for v in (2, 3):
+                for rank in range(p):
+                    acts = pp.schedule("interleaved", p, m, rank, virtual=v)
+                    assert sorted(acts) == sorted((a, i, c) for a in "FB" for i in range(m) for c in range(v))
+                    where = {x: k for k, x in enumerate(acts)}
+                    assert all(where["F", i, c] < where["B", i, c] for i in range(m) for c in range(v))
+                t = pp.simulate("interleaved", p, m, virtual=v)  # raises on a deadlock
+                # v chunks per rank cut each fill/drain step to 1/v: (p-1)/(v·m+p-1), exactly with uniform costs
+                assert t["bubble"] == pytest.approx(pp.bubble_formula(p, m, v))
+    with pytest.raises(ValueError, match="multiple of the stages"):
+        pp.schedule("interleaved", 4, 6, 0)
