@@ -417,7 +417,8 @@ def train(args) -> dict:
         log["val"].append((start, evaluate(wrapped, val_data, cfg, args.eval_batches, rank, n, device)))
     sample = generate(wrapped, b"def ", args.sample_len, cfg, device) if args.sample_len else b""
     return {"sharding": args.sharding, "world_size": n, "num_params": phi, "local_numel": local_numel(model),
-            "param_bytes_per_rank": local_numel(model) * 4, "log": log,
+            "param_bytes_per_rank": sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters()),
+            "log": log,
             "ms_per_step": statistics.median(times[1:] or times) * 1e3 if times else None,
             "final_loss": log["loss"][-1] if log["loss"] else None,
             "final_val": log["val"][-1][1] if log["val"] else None, "sample": sample.decode("utf-8", "replace"),

@@ -174,9 +174,9 @@ def plan(params: float, gpus: int, gpus_per_node: int, gpu_mem_gb: float, seq_le
                                "gb_activations": per_layer * L / tp / 1e9, "gb": need / 1e9, "fits": need <= mem})
         tp *= 2
     if state + per_layer * L <= mem:
-        choice = {"strategy": "DDP", "tp": 1, "pp": 1, "dp": gpus}
+        choice = {"strategy": "DDP", "tp": 1, "pp": 1, "dp": gpus, "gb": (state + per_layer * L) / 1e9}
     elif params < 10e9 and state / gpus + per_layer * L <= mem:
-        choice = {"strategy": "FSDP / ZeRO-3", "tp": 1, "pp": 1, "dp": gpus}
+        choice = {"strategy": "FSDP / ZeRO-3", "tp": 1, "pp": 1, "dp": gpus, "gb": (state / gpus + per_layer * L) / 1e9}
     else:
         tp = min(gpus_per_node, gpus)
         nodes_needed = math.ceil(state / (tp * mem))  # nodes whose memory the 16Φ states need
@@ -186,7 +186,7 @@ def plan(params: float, gpus: int, gpus_per_node: int, gpu_mem_gb: float, seq_le
                              f"add GPUs or shard the optimizer states too (ZeRO-1 across DP)")
         c = min(fitting, key=lambda c: c["pp"])
         choice = {"strategy": "3D (TP in a node, PP across nodes, DP for the rest)", "tp": c["tp"], "pp": c["pp"],
-                  "dp": c["dp"]}
+                  "dp": c["dp"], "gb": c["gb"]}
     return {"params": params, "layers": L, "hidden": h, "choice": choice, "candidates": candidates}
 
 
@@ -379,10 +379,10 @@ def print_plan(result: dict, gpus: int, gpus_per_node: int, mem: float) -> None:
           f"{gpus} GPUs of {mem:g} GB, {gpus_per_node} per node; 16 bytes per parameter, full recomputation")
     print(f"{'TP':>4} {'PP':>4} {'DP':>5} | {'states GB/GPU':>13} {'activations':>11} {'total':>8} | fits")
     for cand in result["candidates"]:
-        mark = "  <- chosen" if (cand["tp"], cand["pp"]) == (c["tp"], c["pp"]) else ""
+        mark = "  <- chosen" if c["strategy"].startswith("3D") and (cand["tp"], cand["pp"]) == (c["tp"], c["pp"]) else ""
         print(f"{cand['tp']:>4} {cand['pp']:>4} {cand['dp']:>5} | {cand['gb_states']:>13.1f} "
               f"{cand['gb_activations']:>11.2f} {cand['gb']:>8.1f} | {'yes' if cand['fits'] else 'no':<3}{mark}")
-    print(f"\nrecommended: {c['strategy']}: TP {c['tp']}, PP {c['pp']}, DP {c['dp']}")
+    print(f"\nrecommended: {c['strategy']}: TP {c['tp']}, PP {c['pp']}, DP {c['dp']}, {c['gb']:.1f} GB per GPU")
 
 
 def main(argv=None):

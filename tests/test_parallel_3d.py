@@ -66,8 +66,7 @@ def test_planner_reproduces_the_known_configurations():
         r = p3d.plan(params, gpus, 8, 80)
         c = r["choice"]
         assert c["tp"] * c["pp"] * c["dp"] == gpus and c["tp"] <= 8
-        chosen = [k for k in r["candidates"] if (k["tp"], k["pp"]) == (c["tp"], c["pp"])]
-        assert not chosen or chosen[0]["fits"] or c["strategy"] != "3D (TP in a node, PP across nodes, DP for the rest)"
+        assert c["gb"] <= 80, (params, gpus, c)  # whatever the strategy, its memory per GPU fits
     with pytest.raises(ValueError, match="do not fit"):
         p3d.plan(1e12, 8, 8, 80)
 
