@@ -113,7 +113,7 @@ def test_block_scaling_beats_per_tensor_scaling_on_an_outlier():
 
 def test_recipes_end_close_to_fp32_on_the_default_corpus():
     data = mp.load_text()
-    losses = {r: mp.train(r, 30, batch_size=8, data=data)["final_loss"] for r in mp.RECIPES}
+    losses = {r: mp.train(r, 20, batch_size=8, data=data)["final_loss"] for r in mp.RECIPES}
     # lr 1e-3, same seed and batches: the recipes follow fp32 to ~1e-3 (measured); 0.05 leaves room for rounding
     for r in ("bf16", "fp16", "fp8"):
         assert abs(losses[r] - losses["fp32"]) < 0.05, (r, losses)
