@@ -15,6 +15,8 @@ Run:   torchrun --nproc_per_node=4 collectives.py
        torchrun --nproc_per_node=4 collectives.py --numel 1048576 --dtype float32
        python collectives.py --help
 """
+from __future__ import annotations
+
 import argparse
 import collections
 import datetime
@@ -26,31 +28,6 @@ import time
 
 import torch
 import torch.distributed as dist
-
-# --- setup -------------------------------------------------------------
-
-
-def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
-    """Join the torchrun job (or make a job of one process): nccl on CUDA, gloo on CPU."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
-    if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
-        if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
-        else:  # plain `python X.py`: a world of one, no network needed
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return dist.get_rank(), dist.get_world_size(), dev
-
-
-def cleanup() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
 
 # --- the technique -----------------------------------------------------
 
@@ -341,6 +318,95 @@ def main(argv=None):
         return every_rank
     finally:
         cleanup()
+
+
+# --- common core: identical in every file (tests/test_common.py checks) -----------------------------------
+# Process-group setup, a timer that synchronises, the communication counter and, in the training scripts, the
+# tiny GPT and the text loader. Read them once; every file that needs them carries the same lines.
+
+
+def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """Join the torchrun job (or make a job of one process): nccl on CUDA, gloo on CPU. CUDA is touched only after
+    set_device, so every process works on its own GPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda, but this machine has no CUDA GPU (use --device cpu)")
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"error: local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()} "
+                             f"(launch at most that many processes per node with --nproc_per_node)")
+        torch.cuda.set_device(local_rank)
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
+        if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        else:  # plain `python X.py`: a world of one, no network needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def now(device: torch.device | str | None = None) -> float:
+    """Wall-clock seconds, read after `device` has finished its queued work: CUDA kernels run asynchronously, so a
+    timer that does not synchronise measures their launch, not their work."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class CommCounter:
+    """Counts what this process hands to torch.distributed while active: one event (phase, op, bytes) per call, the
+    bytes being the tensors it sends (for recv, the buffer it fills; for batch_isend_irecv, one event per isend or
+    irecv). It wraps torch.distributed's functions from outside, so the code it watches stays plain
+    torch.distributed. Set .phase to label the calls that follow ("forward", "backward", ...)."""
+    PAYLOAD_ARG = {"all_reduce": 0, "broadcast": 0, "reduce": 0, "send": 0, "recv": 0, "all_gather": 1,
+                   "all_gather_into_tensor": 1, "all_gather_single": 1, "reduce_scatter": 1,
+                   "reduce_scatter_tensor": 1, "reduce_scatter_single": 1, "all_to_all": 1, "all_to_all_single": 1,
+                   "batch_isend_irecv": 0}
+
+    def __init__(self):
+        self.events: list[tuple[str, str, int]] = []
+        self.phase = ""
+        self._originals = {}
+
+    def __enter__(self) -> "CommCounter":
+        for op, arg in self.PAYLOAD_ARG.items():
+            self._originals[op] = getattr(dist, op)
+            setattr(dist, op, self._counted(op, arg, self._originals[op]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for op, original in self._originals.items():
+            setattr(dist, op, original)
+
+    def _counted(self, op: str, arg: int, original):
+        def counted(*args, **kwargs):
+            named = [v for k, v in kwargs.items() if k.startswith(("tensor", "input", "p2p"))]
+            payload = args[arg] if len(args) > arg else named[0]
+            if op == "batch_isend_irecv":
+                self.events += [(self.phase, p2p.op.__name__, p2p.tensor.nbytes) for p2p in payload]
+            else:
+                tensors = payload if isinstance(payload, (list, tuple)) else [payload]
+                self.events.append((self.phase, op, sum(t.nbytes for t in tensors)))
+            return original(*args, **kwargs)
+        return counted
+
+    def totals(self, phase: str | None = None) -> dict[str, tuple[int, int]]:
+        """{op: (calls, bytes)} over the events of one phase, or of all of them."""
+        out = {}
+        for ph, op, nbytes in self.events:
+            if phase is None or ph == phase:
+                calls, total = out.get(op, (0, 0))
+                out[op] = (calls + 1, total + nbytes)
+        return out
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ Run:   python data_pipeline.py --output clean.jsonl                  (Python's s
        torchrun --nproc_per_node=2 data_pipeline.py --output clean.jsonl    (fuzzy dedup shared by 2 ranks)
        python data_pipeline.py --plan --params 7e9 --tokens 2e12
 """
+from __future__ import annotations
+
 import argparse
 import collections
 import datetime
@@ -35,31 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-
-# --- setup -------------------------------------------------------------
-
-
-def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
-    """Join the torchrun job (or make a job of one process): nccl on CUDA, gloo on CPU."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
-    if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
-        if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
-        else:  # plain `python X.py`: a world of one, no network needed
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return dist.get_rank(), dist.get_world_size(), dev
-
-
-def cleanup() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
 
 # --- documents and the funnel ---------------------------------------------
 
@@ -1105,6 +1082,40 @@ def main(argv=None):
         return docs, report
     finally:
         cleanup()
+
+
+# --- common core: identical in every file (tests/test_common.py checks) -----------------------------------
+# Process-group setup, a timer that synchronises, the communication counter and, in the training scripts, the
+# tiny GPT and the text loader. Read them once; every file that needs them carries the same lines.
+
+
+def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """Join the torchrun job (or make a job of one process): nccl on CUDA, gloo on CPU. CUDA is touched only after
+    set_device, so every process works on its own GPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda, but this machine has no CUDA GPU (use --device cpu)")
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"error: local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()} "
+                             f"(launch at most that many processes per node with --nproc_per_node)")
+        torch.cuda.set_device(local_rank)
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
+        if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        else:  # plain `python X.py`: a world of one, no network needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ Run:   python muon.py --compare
        python muon.py --ns-check
        torchrun --nproc_per_node=2 muon.py --optimizer muon --steps 100
 """
+from __future__ import annotations
+
 import argparse
 import datetime
 import json
@@ -24,32 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-# --- setup -------------------------------------------------------------
-
-
-def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
-    """Join the torchrun job (or make a job of one process): nccl on CUDA, gloo on CPU."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
-    if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
-        if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
-        else:  # plain `python X.py`: a world of one, no network needed
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return dist.get_rank(), dist.get_world_size(), dev
-
-
-def cleanup() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 
 # --- the technique -----------------------------------------------------
 
@@ -201,115 +177,6 @@ class MuonWithAdamW:
     def load_state_dict(self, state: dict) -> None:
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
-
-
-# --- a tiny model and real data ------------------------------------------
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 256  # bytes
-    seq_len: int = 64
-    n_layer: int = 2
-    n_head: int = 4
-    d_model: int = 64
-    tie_weights: bool = True
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.q, self.k, self.v, self.o = (nn.Linear(cfg.d_model, cfg.d_model) for _ in range(4))
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (lin(x).view(B, T, self.n_head, -1).transpose(1, 2) for lin in (self.q, self.k, self.v))  # (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, -1))  # -1: C, or C/N when the heads are split
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.Linear(4 * cfg.d_model, cfg.d_model)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.ln1, self.attn, self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), Attention(cfg), nn.LayerNorm(cfg.d_model), MLP(cfg)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
-class TinyGPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.tok_emb, self.pos_emb = nn.Embedding(cfg.vocab_size, cfg.d_model), nn.Embedding(cfg.seq_len, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f, self.head = nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_weights:
-            self.head.weight = self.tok_emb.weight
-        for m in self.modules():  # GPT-2's initialisation: small weights keep the first logits near uniform
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    def forward(self, idx, targets=None):
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.ln_f(x))
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
-
-
-TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".html", ".htm", ".json", ".c", ".h"}
-
-
-def load_text(path: str | None = None, max_bytes: int = 8_000_000) -> torch.Tensor:
-    """Bytes of real text as uint8: by default the standard library's own .py files; else a file, a folder, or the
-    JSONL ('text' field) that data_pipeline.py writes."""
-    if path is None:
-        files = sorted(Path(os.__file__).parent.glob("*.py"))
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise ValueError(f"--data {path}: no such file or folder")
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES | {".jsonl"})
-    chunks, total = [], 0
-    for f in files:
-        raw = f.read_bytes()
-        if f.suffix == ".jsonl":
-            raw = "\n\n".join(json.loads(line)["text"] for line in raw.decode().splitlines() if line.strip()).encode()
-        chunks.append(raw)
-        total += len(raw)
-        if total >= max_bytes:
-            break
-    data = torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8)
-    if data.numel() < 2:
-        raise ValueError(f"--data {path}: no text found")
-    return data
-
-
-def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
-    """batch_size random windows of seq_len bytes and the same shifted by one: (B, T) int64 inputs and targets."""
-    if data.numel() <= seq_len + 1:
-        raise ValueError(f"the text has {data.numel()} bytes, fewer than one sequence of {seq_len + 1}: "
-                         f"lower --seq-len or give more --data")
-    starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=generator)
-    x = torch.stack([data[s: s + seq_len] for s in starts.tolist()]).long()
-    y = torch.stack([data[s + 1: s + seq_len + 1] for s in starts.tolist()]).long()
-    return x, y
 
 
 # --- demo --------------------------------------------------------------
@@ -483,6 +350,210 @@ def main(argv=None):
         return r
     finally:
         cleanup()
+
+
+# --- common core: identical in every file (tests/test_common.py checks) -----------------------------------
+# Process-group setup, a timer that synchronises, the communication counter and, in the training scripts, the
+# tiny GPT and the text loader. Read them once; every file that needs them carries the same lines.
+
+
+def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """Join the torchrun job (or make a job of one process): nccl on CUDA, gloo on CPU. CUDA is touched only after
+    set_device, so every process works on its own GPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda, but this machine has no CUDA GPU (use --device cpu)")
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"error: local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()} "
+                             f"(launch at most that many processes per node with --nproc_per_node)")
+        torch.cuda.set_device(local_rank)
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
+        if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        else:  # plain `python X.py`: a world of one, no network needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def now(device: torch.device | str | None = None) -> float:
+    """Wall-clock seconds, read after `device` has finished its queued work: CUDA kernels run asynchronously, so a
+    timer that does not synchronise measures their launch, not their work."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class CommCounter:
+    """Counts what this process hands to torch.distributed while active: one event (phase, op, bytes) per call, the
+    bytes being the tensors it sends (for recv, the buffer it fills; for batch_isend_irecv, one event per isend or
+    irecv). It wraps torch.distributed's functions from outside, so the code it watches stays plain
+    torch.distributed. Set .phase to label the calls that follow ("forward", "backward", ...)."""
+    PAYLOAD_ARG = {"all_reduce": 0, "broadcast": 0, "reduce": 0, "send": 0, "recv": 0, "all_gather": 1,
+                   "all_gather_into_tensor": 1, "all_gather_single": 1, "reduce_scatter": 1,
+                   "reduce_scatter_tensor": 1, "reduce_scatter_single": 1, "all_to_all": 1, "all_to_all_single": 1,
+                   "batch_isend_irecv": 0}
+
+    def __init__(self):
+        self.events: list[tuple[str, str, int]] = []
+        self.phase = ""
+        self._originals = {}
+
+    def __enter__(self) -> "CommCounter":
+        for op, arg in self.PAYLOAD_ARG.items():
+            self._originals[op] = getattr(dist, op)
+            setattr(dist, op, self._counted(op, arg, self._originals[op]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for op, original in self._originals.items():
+            setattr(dist, op, original)
+
+    def _counted(self, op: str, arg: int, original):
+        def counted(*args, **kwargs):
+            named = [v for k, v in kwargs.items() if k.startswith(("tensor", "input", "p2p"))]
+            payload = args[arg] if len(args) > arg else named[0]
+            if op == "batch_isend_irecv":
+                self.events += [(self.phase, p2p.op.__name__, p2p.tensor.nbytes) for p2p in payload]
+            else:
+                tensors = payload if isinstance(payload, (list, tuple)) else [payload]
+                self.events.append((self.phase, op, sum(t.nbytes for t in tensors)))
+            return original(*args, **kwargs)
+        return counted
+
+    def totals(self, phase: str | None = None) -> dict[str, tuple[int, int]]:
+        """{op: (calls, bytes)} over the events of one phase, or of all of them."""
+        out = {}
+        for ph, op, nbytes in self.events:
+            if phase is None or ph == phase:
+                calls, total = out.get(op, (0, 0))
+                out[op] = (calls + 1, total + nbytes)
+        return out
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256  # bytes
+    seq_len: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 64
+    tie_weights: bool = True
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.k = nn.Linear(cfg.d_model, cfg.d_model)
+        self.v = nn.Linear(cfg.d_model, cfg.d_model)
+        self.o = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (lin(x).view(B, T, self.n_head, -1).transpose(1, 2) for lin in (self.q, self.k, self.v))  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C); -1 lets a module that holds some heads reuse it
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, 4 * cfg.d_model)
+        self.fc2 = nn.Linear(4 * cfg.d_model, cfg.d_model)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.head.weight = self.tok_emb.weight
+        for m in self.modules():  # GPT-2's initialisation: small weights keep the first logits near uniform
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, idx, targets=None):
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+
+
+TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".html", ".htm", ".json", ".c", ".h"}
+
+
+def load_text(path: str | None = None, max_bytes: int = 8_000_000) -> torch.Tensor:
+    """Bytes of real text as uint8: by default the standard library's own .py files; else a file, a folder, or the
+    JSONL ('text' field) that data_pipeline.py writes."""
+    if path is None:
+        files = sorted(Path(os.__file__).parent.glob("*.py"))
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise ValueError(f"--data {path}: no such file or folder")
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES | {".jsonl"})
+    chunks, total = [], 0
+    for f in files:
+        raw = f.read_bytes()
+        if f.suffix == ".jsonl":
+            raw = "\n\n".join(json.loads(line)["text"] for line in raw.decode().splitlines() if line.strip()).encode()
+        chunks.append(raw)
+        total += len(raw)
+        if total >= max_bytes:
+            break
+    data = torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8)
+    if data.numel() < 2:
+        raise ValueError(f"--data {path}: no text found")
+    return data
+
+
+def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
+    """batch_size random windows of seq_len bytes and the same shifted by one: (B, T) int64 inputs and targets."""
+    if data.numel() <= seq_len + 1:
+        raise ValueError(f"the text has {data.numel()} bytes, fewer than one sequence of {seq_len + 1}: "
+                         f"lower --seq-len or give more --data")
+    starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=generator)
+    x = torch.stack([data[s: s + seq_len] for s in starts.tolist()]).long()
+    y = torch.stack([data[s + 1: s + seq_len + 1] for s in starts.tolist()]).long()
+    return x, y
 
 
 if __name__ == "__main__":

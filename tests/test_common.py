@@ -11,12 +11,25 @@ SETUP_SCRIPTS = TRAINING_SCRIPTS + ["collectives", "data_pipeline"]
 COMMON = ["GPTConfig", "Attention", "MLP", "Block", "TinyGPT", "load_text", "get_batch"]
 
 
-@pytest.mark.parametrize("name", COMMON + ["setup_distributed", "cleanup"])
+TOOLS = ["now", "CommCounter"]  # every script but data_pipeline, which runs on CPUs and counts nothing
+
+
+@pytest.mark.parametrize("name", COMMON + TOOLS + ["setup_distributed", "cleanup"])
 def test_common_parts_are_identical_in_every_file(name):
-    scripts = SETUP_SCRIPTS if name in ("setup_distributed", "cleanup") else TRAINING_SCRIPTS
+    scripts = {"setup_distributed": SETUP_SCRIPTS, "cleanup": SETUP_SCRIPTS}.get(name, TRAINING_SCRIPTS)
+    if name in TOOLS:
+        scripts = [s for s in SETUP_SCRIPTS if s != "data_pipeline"]
     sources = {s: inspect.getsource(getattr(importlib.import_module(s), name)) for s in scripts}
     reference = sources["zero"]
     assert [s for s, src in sources.items() if src != reference] == []
+
+
+@pytest.mark.parametrize("script", SETUP_SCRIPTS)
+def test_common_core_comes_last(script):
+    """The technique opens the file; the common core closes it, after main()."""
+    text = inspect.getsource(importlib.import_module(script))
+    core = text.index("# --- common core")
+    assert text.index("def main(") < core < text.index("def setup_distributed(")
 
 
 @pytest.mark.parametrize("script", TRAINING_SCRIPTS)
