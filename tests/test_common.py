@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-TRAINING_SCRIPTS = ["zero", "tensor_parallel", "pipeline_parallel", "fsdp_train", "muon", "mixed_precision", "parallel_3d"]
+TRAINING_SCRIPTS = ["zero", "tensor_parallel", "pipeline_parallel", "fsdp_train", "muon", "mixed_precision", "parallel_3d",
+                    "expert_parallel"]
 SETUP_SCRIPTS = TRAINING_SCRIPTS + ["collectives", "data_pipeline"]
 COMMON = ["GPTConfig", "Attention", "MLP", "Block", "TinyGPT", "load_text", "get_batch"]
 
