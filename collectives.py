@@ -8,8 +8,9 @@ and N ranks, every rank of the ring sends
 
     reduce-scatter (N-1)/N·D  +  all-gather (N-1)/N·D  =  2(N-1)/N·D      (ring all-reduce, nearly 2D for any N)
 
-while the naive all-reduce (everything to rank 0, then back) makes the root send (N-1)·D, growing with N. A byte
-counter records what each rank really sent, and the script prints it beside these formulas.
+while the naive all-reduce (everything to rank 0, then back) makes the root send (N-1)·D, growing with N. A counter
+(CommCounter, from outside the algorithms) records what each rank really sent; the script prints it beside these
+formulas.
 
 Run:   torchrun --nproc_per_node=4 collectives.py
        torchrun --nproc_per_node=4 collectives.py --numel 1048576 --dtype float32
@@ -18,7 +19,6 @@ Run:   torchrun --nproc_per_node=4 collectives.py
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import json
 import math
@@ -31,10 +31,6 @@ import torch.distributed as dist
 
 # --- the technique -----------------------------------------------------
 
-# op name -> bytes this rank has put on the wire. Only our own send/recv code adds to it, so it is a measurement of
-# what the algorithm sends, not a formula.
-bytes_sent: collections.Counter = collections.Counter()
-
 
 def _check_device(x: torch.Tensor, group=None) -> None:
     backend = dist.get_backend(group)
@@ -46,27 +42,22 @@ def _check_device(x: torch.Tensor, group=None) -> None:
                          f"or use the nccl backend (--device cuda)")
 
 
-def _peer(group, group_rank: int) -> int:
-    """Global rank of `group_rank` in `group` (send/recv address global ranks)."""
-    return group_rank if group is None else dist.get_global_rank(group, group_rank)
-
-
-def _exchange(send_buf: torch.Tensor, recv_buf: torch.Tensor, dst: int, src: int, op: str) -> None:
-    """Send to dst while receiving from src. Both are posted before either is waited on, so no rank of the ring
-    blocks its neighbour: every link carries one chunk at the same time."""
-    bytes_sent[op] += send_buf.numel() * send_buf.element_size()
-    sending, receiving = dist.isend(send_buf, dst), dist.irecv(recv_buf, src)
-    receiving.wait()
-    sending.wait()
+def _exchange(send_buf: torch.Tensor, recv_buf: torch.Tensor, dst: int, src: int, group=None) -> None:
+    """Send to group rank dst while receiving from group rank src: every link of the ring carries one chunk at once."""
+    # Posted together: NCCL may block a lone send until its receive is posted, and every rank of the ring sends first.
+    ops = [dist.P2POp(dist.isend, send_buf, group=group, group_peer=dst),
+           dist.P2POp(dist.irecv, recv_buf, group=group, group_peer=src)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
 
 
 def pad_chunks(x: torch.Tensor, n: int) -> torch.Tensor:
     """Flatten x and zero-pad it to n equal chunks: a view of shape (n, ceil(numel/n))."""
-    flat = x.reshape(-1)
+    flat = x.reshape(-1)  # (numel,)
     c = math.ceil(flat.numel() / n)
     padded = torch.zeros(n * c, dtype=x.dtype, device=x.device)
     padded[: flat.numel()] = flat
-    return padded.view(n, c)
+    return padded.view(n, c)  # (n, c): chunk i is row i
 
 
 def ring_reduce_scatter(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -74,15 +65,14 @@ def ring_reduce_scatter(x: torch.Tensor, group=None) -> torch.Tensor:
 
     Step s (0..N-2): send chunk (r-s-1) to the next rank, receive chunk (r-s-2) from the previous one and add it to
     ours. Each chunk travels once around the ring collecting one addend per hop and ends, complete, at its owner.
-    Sent: (N-1) chunks of ceil(numel/N) elements (the zero padding crosses the wire too and is counted).
+    Sent: (N-1) chunks of ceil(numel/N) elements (the zero padding crosses the wire too).
     """
     _check_device(x, group)
     n, r = dist.get_world_size(group), dist.get_rank(group)
-    chunks = pad_chunks(x, n).clone()
-    nxt, prv = _peer(group, (r + 1) % n), _peer(group, (r - 1) % n)
+    chunks = pad_chunks(x, n).clone()  # (N, c)
     incoming = torch.empty_like(chunks[0])
     for s in range(n - 1):
-        _exchange(chunks[(r - s - 1) % n], incoming, nxt, prv, "ring_reduce_scatter")
+        _exchange(chunks[(r - s - 1) % n], incoming, (r + 1) % n, (r - 1) % n, group)
         chunks[(r - s - 2) % n] += incoming
     return chunks[r]
 
@@ -95,17 +85,16 @@ def ring_all_gather(chunk: torch.Tensor, group=None) -> torch.Tensor:
     """
     _check_device(chunk, group)
     n, r = dist.get_world_size(group), dist.get_rank(group)
-    out = torch.empty((n, chunk.numel()), dtype=chunk.dtype, device=chunk.device)
+    out = torch.empty((n, chunk.numel()), dtype=chunk.dtype, device=chunk.device)  # (N, c): row i from rank i
     out[r] = chunk.reshape(-1)
-    nxt, prv = _peer(group, (r + 1) % n), _peer(group, (r - 1) % n)
     for s in range(n - 1):
-        _exchange(out[(r - s) % n], out[(r - s - 1) % n], nxt, prv, "ring_all_gather")
-    return out.view(-1)
+        _exchange(out[(r - s) % n], out[(r - s - 1) % n], (r + 1) % n, (r - 1) % n, group)
+    return out.view(-1)  # (N·c,)
 
 
 def ring_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
     """Sum x over the ranks in place, like dist.all_reduce: ring reduce-scatter, then ring all-gather."""
-    full = ring_all_gather(ring_reduce_scatter(x, group), group)
+    full = ring_all_gather(ring_reduce_scatter(x, group), group)  # (N·c,), the padded sum
     x.copy_(full[: x.numel()].view_as(x))
     return x
 
@@ -117,18 +106,18 @@ def naive_all_reduce(x: torch.Tensor, group=None) -> torch.Tensor:
     """
     _check_device(x, group)
     n, r = dist.get_world_size(group), dist.get_rank(group)
+    # Safe when every send blocks until matched: rank 0 receives in rank order from senders that do nothing else
+    # first, then sends to ranks already waiting in recv; no rank ever waits on a rank that waits on it.
     if r == 0:
         incoming = torch.empty_like(x)
         for src in range(1, n):
-            dist.recv(incoming, _peer(group, src))
+            dist.recv(incoming, group=group, group_src=src)
             x += incoming
         for dst in range(1, n):
-            bytes_sent["naive_all_reduce"] += x.numel() * x.element_size()
-            dist.send(x, _peer(group, dst))
+            dist.send(x, group=group, group_dst=dst)
     else:
-        bytes_sent["naive_all_reduce"] += x.numel() * x.element_size()
-        dist.send(x, _peer(group, 0))
-        dist.recv(x, _peer(group, 0))
+        dist.send(x, group=group, group_dst=0)
+        dist.recv(x, group=group, group_src=0)
     return x
 
 
@@ -185,15 +174,21 @@ def show_primitives(device: torch.device) -> list[str]:
     return lines
 
 
-def _median_ms(fn, repeats: int) -> float:
+def bytes_sent(fn) -> tuple[object, int]:
+    """Run fn() under a CommCounter; return its result and the bytes this rank handed to send/isend."""
+    with CommCounter() as counter:
+        result = fn()
+    totals = counter.totals()
+    return result, sum(totals.get(op, (0, 0))[1] for op in ("send", "isend"))
+
+
+def _median_ms(fn, repeats: int, device: torch.device) -> float:
     times = []
     for _ in range(repeats):
         dist.barrier()
-        t0 = time.perf_counter()
+        t0 = now(device)
         fn()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((now(device) - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -223,11 +218,10 @@ def compare_all_reduce(numel: int, dtype: torch.dtype, device: torch.device, rep
     ]
     rows = []
     for name, fn, reference, formula, formula_text in cases:
-        bytes_sent.clear()
-        result = fn()
+        result, sent = bytes_sent(fn)
         error = None if reference is None else (result.double() - reference.double()).abs().max().item()
-        rows.append({"algorithm": name, "bytes_measured": None if formula is None else sum(bytes_sent.values()),
-                     "bytes_formula": formula, "formula": formula_text, "ms": _median_ms(fn, repeats),
+        rows.append({"algorithm": name, "bytes_measured": None if formula is None else sent,
+                     "bytes_formula": formula, "formula": formula_text, "ms": _median_ms(fn, repeats, device),
                      "max_error": error})
     return rows
 
@@ -239,37 +233,71 @@ def measure_scaling(numel: int, dtype: torch.dtype, device: torch.device) -> lis
         group = dist.new_group(list(range(n)))  # every rank must take part in creating a group, members or not
         if dist.get_rank() < n:
             x = torch.ones(numel, dtype=dtype, device=device)
-            sent = {}
-            for name, fn in (("ring", ring_all_reduce), ("naive", naive_all_reduce)):
-                bytes_sent.clear()
-                fn(x.clone(), group=group)
-                sent[name] = sum(bytes_sent.values())
-            rows.append({"n": n, "ring": sent["ring"], "naive_root": sent["naive"]})
+            _, ring = bytes_sent(lambda: ring_all_reduce(x.clone(), group=group))
+            _, naive = bytes_sent(lambda: naive_all_reduce(x.clone(), group=group))
+            rows.append({"n": n, "ring": ring, "naive_root": naive})
         dist.destroy_process_group(group)
     return rows
+
+
+def print_report(args, n: int, lines: list[str], every_rank: list[list[dict]], scaling: list[dict]) -> None:
+    """Rank 0's output: the primitives, the table of measured vs formula bytes, the scaling with N."""
+    print(f"The five collectives on {n} rank(s) ({dist.get_backend()}), tensor values before -> after:")
+    print("\n".join(lines))
+    if n == 1:
+        print("\nOne process: every collective is the identity and nothing crosses a wire (0 bytes below).\n"
+              "Run `torchrun --nproc_per_node=4 collectives.py` to see the ring's 2(N-1)/N·D appear.")
+    d = args.numel * DTYPES[args.dtype].itemsize
+    print(f"\nAll-reduce of {args.numel:,} x {args.dtype} = D = {d:,} bytes on N = {n}; "
+          f"ring all-reduce sends 2(N-1)/N·D = {2 * (n - 1) / n * d:,.0f} bytes per rank"
+          + ("" if args.numel % n == 0 else f" (+ zero padding: {args.numel} is not a multiple of {n})"))
+    print(f"{'algorithm':<20} {'rank':>4} {'bytes sent (measured)':>22} {'formula':>14}  {'':<22}"
+          f"{'time (median)':>14} {'max |err| vs built-in':>24}")
+    fmt = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
+    for r, table in enumerate(every_rank):
+        for row in table:
+            if r and row["algorithm"] != "naive_all_reduce":
+                continue  # the ring is symmetric: rank 0 stands for all; the naive one is not
+            err = "-" if row["max_error"] is None else f"{row['max_error']:.2e}"
+            formula_text = row["formula"] if r == 0 else "D (not root)"
+            print(f"{row['algorithm']:<20} {r:>4} {fmt(row['bytes_measured']):>22} "
+                  f"{fmt(row['bytes_formula']):>14}  {formula_text:<22}{row['ms']:>11.2f} ms {err:>24}")
+    if scaling:
+        print(f"\nBytes rank 0 sends as the group grows (subgroups of the first n ranks, same D = {d:,} bytes):")
+        print(f"{'n':>3} {'ring (measured)':>16} {'2(n-1)/n·D':>14} {'naive root (measured)':>22} {'(n-1)·D':>14}")
+        for row in scaling:
+            k = row["n"]
+            ring = ring_bytes_formula(args.numel, DTYPES[args.dtype].itemsize, k)["ring_all_reduce"]
+            print(f"{k:>3} {row['ring']:>16,} {ring:>14,} {row['naive_root']:>22,} {(k - 1) * d:>14,}")
+    if any(args.numel % k for k in range(2, n + 1)):
+        print("(where n does not divide the numel, the formula counts each chunk as ceil(numel/n) elements: "
+              "the zero padding crosses the wire too)")
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "int64": torch.int64, "int32": torch.int32}
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not positive (try 1048576)")
-    return value
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--numel", type=int, default=1 << 20, help="elements in the all-reduced tensor")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="element type of the tensor")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is printed")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda if available, else cpu")
+    parser.add_argument("--json", metavar="PATH", help="also write every rank's table as JSON (rank 0 writes)")
+    return parser
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--numel", type=positive_int, default=1 << 20, help="elements in the all-reduced tensor")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats; the median is printed")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--json", metavar="PATH", help="also write every rank's table as JSON (rank 0 writes)")
-    args = p.parse_args(argv)
+def main(argv=None) -> list[list[dict]]:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    for flag, example in (("numel", 1048576), ("repeats", 5)):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag} {getattr(args, flag)} is not positive (try --{flag} {example})")
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible here (use --device cpu)")
+        parser.error("--device cuda: no CUDA device is visible here (use --device cpu)")
 
     rank, n, device = setup_distributed(args.device)
     try:
@@ -279,42 +307,13 @@ def main(argv=None):
         scaling = measure_scaling(args.numel, dtype, device)
         every_rank = [None] * n
         dist.all_gather_object(every_rank, rows)
-        if rank != 0:
-            return every_rank
-        print(f"The five collectives on {n} rank(s) ({dist.get_backend()}), tensor values before -> after:")
-        print("\n".join(lines))
-        if n == 1:
-            print("\nOne process: every collective is the identity and nothing crosses a wire (0 bytes below).\n"
-                  "Run `torchrun --nproc_per_node=4 collectives.py` to see the ring's 2(N-1)/N·D appear.")
-        d = args.numel * torch.empty((), dtype=dtype).element_size()
-        print(f"\nAll-reduce of {args.numel:,} x {args.dtype} = D = {d:,} bytes on N = {n}; "
-              f"ring all-reduce sends 2(N-1)/N·D = {2 * (n - 1) / n * d:,.0f} bytes per rank"
-              + ("" if args.numel % n == 0 else f" (+ zero padding: {args.numel} is not a multiple of {n})"))
-        print(f"{'algorithm':<20} {'rank':>4} {'bytes sent (measured)':>22} {'formula':>14}  {'':<22}"
-              f"{'time (median)':>14} {'max |err| vs built-in':>24}")
-        for r_, table in enumerate(every_rank):
-            for row in table:
-                if r_ and row["algorithm"] != "naive_all_reduce":
-                    continue  # the ring is symmetric: rank 0 stands for all; the naive one is not
-                fmt = lambda v: "-" if v is None else f"{v:,}"
-                err = "-" if row["max_error"] is None else f"{row['max_error']:.2e}"
-                formula_text = row["formula"] if r_ == 0 else "D (not root)"
-                print(f"{row['algorithm']:<20} {r_:>4} {fmt(row['bytes_measured']):>22} "
-                      f"{fmt(row['bytes_formula']):>14}  {formula_text:<22}{row['ms']:>11.2f} ms {err:>24}")
-        if scaling:
-            print(f"\nBytes rank 0 sends as the group grows (subgroups of the first n ranks, same D = {d:,} bytes):")
-            print(f"{'n':>3} {'ring (measured)':>16} {'2(n-1)/n·D':>14} {'naive root (measured)':>22} {'(n-1)·D':>14}")
-            for row in scaling:
-                k = row["n"]
-                ring = ring_bytes_formula(args.numel, d // args.numel, k)["ring_all_reduce"]
-                print(f"{k:>3} {row['ring']:>16,} {ring:>14,} {row['naive_root']:>22,} {(k - 1) * d:>14,}")
-        if any(args.numel % k for k in range(2, n + 1)):
-            print("(where n does not divide the numel, the formula counts each chunk as ceil(numel/n) elements: "
-                  "the zero padding crosses the wire too)")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"world_size": n, "numel": args.numel, "dtype": args.dtype, "bytes": d, "ranks": every_rank,
-                           "scaling": scaling}, f, indent=1)
+        if rank == 0:
+            print_report(args, n, lines, every_rank, scaling)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"world_size": n, "numel": args.numel, "dtype": args.dtype,
+                               "bytes": args.numel * dtype.itemsize, "ranks": every_rank, "scaling": scaling},
+                              f, indent=1)
         return every_rank
     finally:
         cleanup()

@@ -18,13 +18,13 @@ Run:   torchrun --nproc_per_node=2 tensor_parallel.py
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import json
 import os
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,147 +34,89 @@ import torch.nn.functional as F
 
 # --- the technique -----------------------------------------------------
 
-# (collective, "forward" | "backward") -> calls and bytes of the payload this rank put in. Filled in by the four
-# region functions below and their sequence-parallel pair, so the script can print collectives per layer.
-comm_calls: collections.Counter = collections.Counter()
-comm_bytes: collections.Counter = collections.Counter()
+
+def _identity(x: torch.Tensor, group) -> torch.Tensor:
+    return x
 
 
-def _record(op: str, direction: str, t: torch.Tensor) -> None:
-    comm_calls[op, direction] += 1
-    comm_bytes[op, direction] += t.numel() * t.element_size()
-
-
-def _all_reduce(x, group, direction):
-    _record("all_reduce", direction, x)
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous()
     dist.all_reduce(x, group=group)
     return x
 
 
-def _all_gather(x, dim, group, direction):
-    n = dist.get_world_size(group)
-    parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(n)]
+def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Every rank's x, concatenated along dim in rank order: dim grows N-fold."""
+    parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
-    out = torch.cat(parts, dim=dim)
-    _record("all_gather", direction, out)
-    return out
+    return torch.cat(parts, dim=dim)
 
 
-def _split(x, dim, group):
+def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's slice of x along dim (no communication)."""
     return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
 
 
-def _reduce_scatter(x, dim, group, direction):
-    _record("reduce_scatter", direction, x)
+def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """The sum over ranks of x, of which this rank keeps its slice along dim."""
     parts = [p.contiguous() for p in x.chunk(dist.get_world_size(group), dim=dim)]
     out = torch.empty_like(parts[0])
     dist.reduce_scatter(out, parts, group=group)
     return out
 
 
-# Megatron's four mappings. Each is the conjugate of another: what one does forward, its partner does backward.
-class _CopyToTP(torch.autograd.Function):
-    """f: identity forward; all-reduce backward (every rank's partial dL/dx is summed)."""
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+def _mapping(forward, backward):
+    """A differentiable region boundary: forward(x, group) on the way in, backward(grad, group) on the way back."""
+    class Mapping(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, group):
+            ctx.group = group
+            return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group, "backward"), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """g: all-reduce forward (sum the partial products); identity backward."""
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group, "forward")
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+        @staticmethod
+        def backward(ctx, grad):
+            return backward(grad, ctx.group), None
+    return lambda x, group=None: Mapping.apply(x, group)
 
 
-class _GatherFromTP(torch.autograd.Function):
-    """All-gather along the last dimension forward; keep our slice of the gradient backward."""
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, -1, group, "forward")
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, -1, ctx.group), None
-
-
-class _ScatterToTP(torch.autograd.Function):
-    """Keep our slice of the last dimension forward; all-gather the gradient backward."""
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, -1, ctx.group, "backward"), None
-
-
-# Sequence parallelism (Korthikanti et al. 2022) replaces each all-reduce by its two halves: outside the tensor-
-# parallel regions activations are split along the sequence (dim 1), so layer norms see T/N tokens.
-class _GatherFromSP(torch.autograd.Function):
-    """All-gather the sequence forward (entering a TP region); reduce-scatter the gradient backward."""
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, 1, group, "forward")
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, 1, ctx.group, "backward"), None
-
-
-class _ReduceScatterToSP(torch.autograd.Function):
-    """Reduce-scatter along the sequence forward (leaving a TP region); all-gather the gradient backward."""
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, 1, group, "forward")
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, 1, ctx.group, "backward"), None
-
-
-def copy_to_tp_region(x, group=None):
-    return _CopyToTP.apply(x, group)
-
-
-def reduce_from_tp_region(x, group=None):
-    return _ReduceFromTP.apply(x, group)
-
-
-def gather_from_tp_region(x, group=None):
-    return _GatherFromTP.apply(x, group)
-
-
-def scatter_to_tp_region(x, group=None):
-    return _ScatterToTP.apply(x, group)
-
-
-def gather_from_sp_region(x, group=None):
-    return _GatherFromSP.apply(x, group)
-
-
-def reduce_scatter_to_sp_region(x, group=None):
-    return _ReduceScatterToSP.apply(x, group)
+HIDDEN, SEQ = -1, 1  # activations are (B, T, d): tensor parallelism splits d, sequence parallelism splits T
+# Megatron's mappings, in conjugate pairs: what one does forward, its partner does backward. f enters a column-
+# parallel layer, g leaves a row-parallel one; gather/scatter serve gather_output and input_is_parallel=False.
+# Sequence parallelism (Korthikanti et al. 2022) splits each all-reduce into its two halves, so that outside the
+# tensor-parallel regions activations stay split along the sequence and the layer norms see T/N tokens.
+#                                      forward                            backward
+copy_to_tp_region           = _mapping(_identity,                         _all_reduce)  # f
+reduce_from_tp_region       = _mapping(_all_reduce,                       _identity)  # g
+gather_from_tp_region       = _mapping(partial(_all_gather, dim=HIDDEN),  partial(_split, dim=HIDDEN))
+scatter_to_tp_region        = _mapping(partial(_split, dim=HIDDEN),       partial(_all_gather, dim=HIDDEN))
+gather_from_sp_region       = _mapping(partial(_all_gather, dim=SEQ),     partial(_reduce_scatter, dim=SEQ))
+reduce_scatter_to_sp_region = _mapping(partial(_reduce_scatter, dim=SEQ), partial(_all_gather, dim=SEQ))
 
 
 def _divide(total: int, n: int, what: str) -> int:
+    """total / n for a dimension split over n ranks; a remainder is refused: every rank holds an equal slice."""
     if total % n:
-        raise ValueError(f"{what} {total} is not divisible by the tensor-parallel size {n}")
+        hint = f" (try {what} {n * max(1, round(total / n))})" if what.startswith("--") else ""
+        raise ValueError(f"{what} {total} is not divisible by the tensor-parallel size {n}{hint}")
     return total // n
+
+
+def _sharded(param: nn.Parameter, dim: int) -> nn.Parameter:
+    """Mark a parameter as this rank's slice along dim (Megatron's partition_dim): load_dense splits the dense
+    tensor along it, gather_dense_state concatenates the ranks' slices along it."""
+    param.split_dim = dim
+    return param
+
+
+def check_sizes(cfg: GPTConfig, n: int, sequence_parallel: bool = False) -> None:
+    """Refuse a model that N ranks cannot split evenly (ValueError naming the flag): whole heads per rank (so d,
+    3d and 4d split too), the vocabulary by rows, and the sequence under sequence parallelism."""
+    _divide(cfg.n_head, n, "--n-head")
+    if cfg.d_model % cfg.n_head:
+        raise ValueError(f"--d-model {cfg.d_model} is not divisible by --n-head {cfg.n_head}")
+    _divide(cfg.vocab_size, n, "the vocabulary")
+    if sequence_parallel:
+        _divide(cfg.seq_len, n, "--seq-len")
 
 
 class ColumnParallelLinear(nn.Module):
@@ -186,24 +128,14 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
         local = _divide(out_features, dist.get_world_size(group), "out_features")
-        self.weight = nn.Parameter(torch.empty(local, in_features))  # rows of nn.Linear's (out, in) weight
-        self.bias = nn.Parameter(torch.zeros(local)) if bias else None
+        self.weight = _sharded(nn.Parameter(torch.empty(local, in_features)), 0)  # rows of nn.Linear's (out, in)
+        self.bias = _sharded(nn.Parameter(torch.zeros(local)), 0) if bias else None
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x):
         x = gather_from_sp_region(x, self.group) if self.sequence_parallel else copy_to_tp_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)  # (B, T, out/N)
         return gather_from_tp_region(y, self.group) if self.gather_output else y
-
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, gather_output=False, group=None, sequence_parallel=False):
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, gather_output, group,
-                    sequence_parallel)
-        with torch.no_grad():
-            layer.weight.copy_(_split(linear.weight, 0, group))
-            if linear.bias is not None:
-                layer.bias.copy_(_split(linear.bias, 0, group))
-        return layer
 
 
 class RowParallelLinear(nn.Module):
@@ -215,27 +147,17 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.group, self.input_is_parallel, self.sequence_parallel = group, input_is_parallel, sequence_parallel
         local = _divide(in_features, dist.get_world_size(group), "in_features")
-        self.weight = nn.Parameter(torch.empty(out_features, local))  # columns of nn.Linear's (out, in) weight
+        self.weight = _sharded(nn.Parameter(torch.empty(out_features, local)), 1)  # columns of nn.Linear's weight
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x):
         if not self.input_is_parallel:
-            x = scatter_to_tp_region(x, self.group)
-        partial = F.linear(x, self.weight)
-        y = reduce_scatter_to_sp_region(partial, self.group) if self.sequence_parallel \
-            else reduce_from_tp_region(partial, self.group)
+            x = scatter_to_tp_region(x, self.group)  # (B, T, in/N)
+        partial_sum = F.linear(x, self.weight)
+        y = reduce_scatter_to_sp_region(partial_sum, self.group) if self.sequence_parallel \
+            else reduce_from_tp_region(partial_sum, self.group)
         return y if self.bias is None else y + self.bias
-
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, input_is_parallel=True, group=None, sequence_parallel=False):
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, input_is_parallel, group,
-                    sequence_parallel)
-        with torch.no_grad():
-            layer.weight.copy_(_split(linear.weight, 1, group))
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
 
 
 class ParallelMLP(nn.Module):
@@ -249,13 +171,6 @@ class ParallelMLP(nn.Module):
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
 
-    @classmethod
-    def from_dense(cls, mlp, group=None, sequence_parallel=False):
-        m = cls(mlp.fc1.in_features, mlp.fc1.out_features, group, sequence_parallel)
-        m.fc1 = ColumnParallelLinear.from_dense(mlp.fc1, group=group, sequence_parallel=sequence_parallel)
-        m.fc2 = RowParallelLinear.from_dense(mlp.fc2, group=group, sequence_parallel=sequence_parallel)
-        return m
-
 
 class ParallelSelfAttention(nn.Module):
     """Causal attention split by heads: q, k, v are one column-parallel matmul (rank r computes heads
@@ -263,29 +178,18 @@ class ParallelSelfAttention(nn.Module):
 
     def __init__(self, d_model, n_head, group=None, sequence_parallel=False):
         super().__init__()
-        n = dist.get_world_size(group)
-        self.local_heads = _divide(n_head, n, "n_head")
+        self.local_heads = _divide(n_head, dist.get_world_size(group), "n_head")
         self.head_dim = d_model // n_head
         # q, k, v fused so that one f covers all three: our 3·d/N output columns are [q_r | k_r | v_r]
         self.qkv = ColumnParallelLinear(d_model, 3 * d_model, group=group, sequence_parallel=sequence_parallel)
         self.o = RowParallelLinear(d_model, d_model, group=group, sequence_parallel=sequence_parallel)
 
     def forward(self, x):
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (B, T, d/N)
         B, T = q.shape[:2]
         q, k, v = (t.view(B, T, self.local_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, h/N, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, -1))
-
-    @classmethod
-    def from_dense(cls, attn, group=None, sequence_parallel=False):
-        d = attn.q.in_features
-        m = cls(d, attn.n_head, group, sequence_parallel)
-        with torch.no_grad():
-            m.qkv.weight.copy_(torch.cat([_split(lin.weight, 0, group) for lin in (attn.q, attn.k, attn.v)]))
-            m.qkv.bias.copy_(torch.cat([_split(lin.bias, 0, group) for lin in (attn.q, attn.k, attn.v)]))
-        m.o = RowParallelLinear.from_dense(attn.o, group=group, sequence_parallel=sequence_parallel)
-        return m
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d/N) into the row-parallel projection
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -297,7 +201,7 @@ class VocabParallelEmbedding(nn.Module):
         self.group, self.sequence_parallel = group, sequence_parallel
         self.per_rank = _divide(vocab_size, dist.get_world_size(group), "vocab_size")
         self.start = dist.get_rank(group) * self.per_rank
-        self.weight = nn.Parameter(torch.empty(self.per_rank, d_model))
+        self.weight = _sharded(nn.Parameter(torch.empty(self.per_rank, d_model)), 0)
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, idx):
@@ -307,13 +211,6 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_scatter_to_sp_region(x, self.group) if self.sequence_parallel \
             else reduce_from_tp_region(x, self.group)
 
-    @classmethod
-    def from_dense(cls, emb: nn.Embedding, group=None, sequence_parallel=False):
-        m = cls(emb.num_embeddings, emb.embedding_dim, group, sequence_parallel)
-        with torch.no_grad():
-            m.weight.copy_(_split(emb.weight, 0, group))
-        return m
-
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -321,16 +218,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # logits: (N_tokens, V/N), this rank's columns. Three all-reduces of N_tokens numbers each; never V.
         logits = logits.float()
         row_max = logits.max(dim=-1).values
-        _record("all_reduce", "forward", row_max)
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - row_max.unsqueeze(-1)
         exp = shifted.exp()
-        sum_exp = _all_reduce(exp.sum(dim=-1), group, "forward")
+        sum_exp = _all_reduce(exp.sum(dim=-1), group)
         local = targets - start
         mine = (local >= 0) & (local < logits.shape[-1])
-        target_logit = torch.where(mine, shifted.gather(1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(1)).squeeze(1),
-                                   torch.zeros_like(row_max))
-        target_logit = _all_reduce(target_logit, group, "forward")
+        picked = shifted.gather(1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(1)).squeeze(1)  # (N_tokens,)
+        target_logit = torch.where(mine, picked, torch.zeros_like(row_max))
+        target_logit = _all_reduce(target_logit, group)
         ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local, mine)
         return (sum_exp.log() - target_logit).mean()
 
@@ -346,17 +242,47 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits_shard, targets, group=None):
     """Mean cross-entropy over the full vocabulary from each rank's slice of the logits (..., V/N)."""
     start = dist.get_rank(group) * logits_shard.shape[-1]
-    return _VocabParallelCrossEntropy.apply(logits_shard.reshape(-1, logits_shard.shape[-1]),
+    return _VocabParallelCrossEntropy.apply(logits_shard.reshape(-1, logits_shard.shape[-1]),  # (B·T, V/N)
                                             targets.reshape(-1), start, group)
+
+
+@torch.no_grad()
+def load_dense(parallel: nn.Module, dense: nn.Module, group=None) -> nn.Module:
+    """Copy a dense module's weights into its tensor-parallel twin: this rank's slice of every split parameter
+    (along its split_dim), the whole of every replicated one; q, k, v land fused as this rank's [q_r; k_r; v_r]."""
+    full = dense.state_dict()
+    for name, p in parallel.named_parameters():
+        names = [name.replace("qkv", c) for c in "qkv"] if "qkv" in name.split(".") else [name]
+        split = [_split(full[k], group, p.split_dim) if hasattr(p, "split_dim") else full[k] for k in names]
+        p.copy_(torch.cat(split))
+    return parallel
+
+
+@torch.no_grad()
+def gather_dense_state(parallel: nn.Module, group=None) -> dict:
+    """The inverse of load_dense: the dense module's state dict, gathered from every rank's slices (collective)."""
+    out = {}
+    for name, p in parallel.named_parameters():
+        full = _all_gather(p, group, p.split_dim) if hasattr(p, "split_dim") else p.clone()
+        if "qkv" in name.split("."):  # rank r's rows are [q_r; k_r; v_r]: regroup them into q, k, v
+            per_rank = full.chunk(dist.get_world_size(group))
+            for j, c in enumerate("qkv"):
+                out[name.replace("qkv", c)] = torch.cat([rows.chunk(3)[j] for rows in per_rank])
+        else:
+            out[name] = full
+    return out
 
 
 # --- the tiny GPT, tensor-parallel -------------------------------------
 
 
 class TPBlock(nn.Module):
-    def __init__(self, ln1, attn, ln2, mlp):
+    def __init__(self, cfg: GPTConfig, group=None, sequence_parallel=False):
         super().__init__()
-        self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = ParallelSelfAttention(cfg.d_model, cfg.n_head, group, sequence_parallel)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = ParallelMLP(cfg.d_model, 4 * cfg.d_model, group, sequence_parallel)
 
     def forward(self, x):
         x = x + self.attn(self.ln1(x))
@@ -369,25 +295,18 @@ class TPGPT(nn.Module):
 
     def __init__(self, cfg: GPTConfig, group=None, sequence_parallel=False):
         super().__init__()
+        check_sizes(cfg, dist.get_world_size(group), sequence_parallel)
         self.cfg, self.group, self.sequence_parallel = cfg, group, sequence_parallel
-        n = dist.get_world_size(group)
-        _divide(4 * cfg.d_model, n, "the MLP width 4·d_model")
-        if sequence_parallel:
-            _divide(cfg.seq_len, n, "seq_len (sequence parallelism splits it)")
         self.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, group, sequence_parallel)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
-        self.blocks = nn.ModuleList(
-            TPBlock(nn.LayerNorm(cfg.d_model), ParallelSelfAttention(cfg.d_model, cfg.n_head, group, sequence_parallel),
-                    nn.LayerNorm(cfg.d_model), ParallelMLP(cfg.d_model, 4 * cfg.d_model, group, sequence_parallel))
-            for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(TPBlock(cfg, group, sequence_parallel) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
 
     def forward(self, idx, targets=None):
-        T = idx.shape[1]
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(idx.shape[1], device=idx.device)
         if self.sequence_parallel:  # we hold tokens [r·T/N, (r+1)·T/N) of every sequence
-            pos = _split(pos, 0, self.group)
-        x = self.tok_emb(idx) + self.pos_emb(pos)
+            pos = _split(pos, self.group, dim=0)
+        x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, d), or (B, T/N, d) with sequence parallelism
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
@@ -398,55 +317,20 @@ class TPGPT(nn.Module):
         return vocab_parallel_cross_entropy(logits_shard, targets, self.group)
 
     @classmethod
-    def from_dense(cls, model: "TinyGPT", group=None, sequence_parallel=False):
+    def from_dense(cls, model: TinyGPT, group=None, sequence_parallel=False) -> TPGPT:
         """This rank's shard of a dense TinyGPT (the same weights, so the two can be compared)."""
         if not model.cfg.tie_weights:
             raise ValueError("TPGPT ties the head to the embedding: build the dense model with tie_weights=True")
-        tp = cls(model.cfg, group, sequence_parallel)
-        tp.tok_emb = VocabParallelEmbedding.from_dense(model.tok_emb, group, sequence_parallel)
-        tp.pos_emb.load_state_dict(model.pos_emb.state_dict())
-        tp.ln_f.load_state_dict(model.ln_f.state_dict())
-        for mine, dense in zip(tp.blocks, model.blocks):
-            mine.ln1.load_state_dict(dense.ln1.state_dict())
-            mine.ln2.load_state_dict(dense.ln2.state_dict())
-            mine.attn = ParallelSelfAttention.from_dense(dense.attn, group, sequence_parallel)
-            mine.mlp = ParallelMLP.from_dense(dense.mlp, group, sequence_parallel)
-        return tp
+        return load_dense(cls(model.cfg, group, sequence_parallel), model, group)
 
-    def replicated_parameters(self):
-        """Parameters every rank holds whole: layer norms, position embedding, row-parallel biases."""
-        split = {id(p) for m in self.modules() if isinstance(m, (ColumnParallelLinear, VocabParallelEmbedding))
-                 for p in m.parameters()}
-        split |= {id(m.weight) for m in self.modules() if isinstance(m, RowParallelLinear)}
-        return [p for p in self.parameters() if id(p) not in split]
-
-    @torch.no_grad()
     def full_state_dict(self) -> dict:
         """The dense TinyGPT's state dict, gathered from the shards (collective: call on every rank)."""
-        g = self.group
-        gather = lambda t, dim: torch.cat(_gather_list(t, g), dim=dim)
-        out = {"tok_emb.weight": gather(self.tok_emb.weight, 0), "pos_emb.weight": self.pos_emb.weight.clone(),
-               "ln_f.weight": self.ln_f.weight.clone(), "ln_f.bias": self.ln_f.bias.clone()}
-        out["head.weight"] = out["tok_emb.weight"]
-        for i, b in enumerate(self.blocks):
-            pre = f"blocks.{i}."
-            for ln in ("ln1", "ln2"):
-                out[pre + ln + ".weight"], out[pre + ln + ".bias"] = getattr(b, ln).weight.clone(), getattr(b, ln).bias.clone()
-            parts = [t.chunk(3) for t in _gather_list(b.attn.qkv.weight, g)]  # each rank: [q_r; k_r; v_r]
-            bparts = [t.chunk(3) for t in _gather_list(b.attn.qkv.bias, g)]
-            for j, name in enumerate("qkv"):
-                out[pre + f"attn.{name}.weight"] = torch.cat([p[j] for p in parts])
-                out[pre + f"attn.{name}.bias"] = torch.cat([p[j] for p in bparts])
-            out[pre + "attn.o.weight"], out[pre + "attn.o.bias"] = gather(b.attn.o.weight, 1), b.attn.o.bias.clone()
-            out[pre + "mlp.fc1.weight"], out[pre + "mlp.fc1.bias"] = gather(b.mlp.fc1.weight, 0), gather(b.mlp.fc1.bias, 0)
-            out[pre + "mlp.fc2.weight"], out[pre + "mlp.fc2.bias"] = gather(b.mlp.fc2.weight, 1), b.mlp.fc2.bias.clone()
-        return out
+        out = gather_dense_state(self, self.group)
+        return {**out, "head.weight": out["tok_emb.weight"]}  # the head is the embedding, tied
 
-
-def _gather_list(t, group):
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return parts
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Parameters every rank holds whole: layer norms, position embedding, row-parallel biases."""
+        return [p for p in self.parameters() if not hasattr(p, "split_dim")]
 
 
 def allreduce_sequence_parallel_grads(model: TPGPT) -> None:
@@ -460,22 +344,22 @@ def allreduce_sequence_parallel_grads(model: TPGPT) -> None:
 
 
 def count_layer_collectives(cfg: GPTConfig, sequence_parallel: bool, batch_size: int = 2, device="cpu") -> dict:
-    """Run one transformer layer forward and backward alone and count its collectives by kind and direction."""
+    """One transformer layer forward and backward alone: {"forward"|"backward": {op: (calls, bytes)}}."""
     torch.manual_seed(0)
-    model = TPGPT(cfg, sequence_parallel=sequence_parallel).to(device)
-    n = dist.get_world_size()
-    T = cfg.seq_len // n if sequence_parallel else cfg.seq_len
-    x = torch.randn(batch_size, T, cfg.d_model, device=device, requires_grad=True)
-    comm_calls.clear()
-    comm_bytes.clear()
-    model.blocks[0](x).sum().backward()
-    return {"calls": dict(comm_calls), "bytes": dict(comm_bytes)}
+    block = TPBlock(cfg, sequence_parallel=sequence_parallel).to(device)
+    T = cfg.seq_len // dist.get_world_size() if sequence_parallel else cfg.seq_len
+    x = torch.randn(batch_size, T, cfg.d_model, device=device, requires_grad=True)  # (B, T or T/N, d)
+    with CommCounter() as counter:
+        counter.phase = "forward"
+        y = block(x)
+        counter.phase = "backward"
+        y.sum().backward()
+    return {phase: counter.totals(phase) for phase in ("forward", "backward")}
 
 
 def train(cfg: GPTConfig, steps: int = 20, batch_size: int = 8, lr: float = 3e-3, sequence_parallel=False,
           data=None, device="cpu", seed: int = 0, log_every: int = 0) -> dict:
     """Train TPGPT on this process group (every rank sees the same batch); check step 0 against the dense model."""
-    rank, n = dist.get_rank(), dist.get_world_size()
     data = load_text() if data is None else data
     torch.manual_seed(seed)  # the same dense model on every rank; each keeps its shard
     dense = TinyGPT(cfg).to(device)
@@ -488,93 +372,98 @@ def train(cfg: GPTConfig, steps: int = 20, batch_size: int = 8, lr: float = 3e-3
         if step == 0:
             with torch.no_grad():
                 dense_loss = dense(x, y).item()
-        comm_calls.clear()
-        comm_bytes.clear()
-        t0 = time.perf_counter()
-        loss = model(x, y)
-        loss.backward()
-        if sequence_parallel:
-            allreduce_sequence_parallel_grads(model)
+        t0 = now(device)
+        with CommCounter() as counter:  # what the step hands to torch.distributed; the last step's is reported
+            counter.phase = "forward"
+            loss = model(x, y)
+            counter.phase = "backward"
+            loss.backward()
+            if sequence_parallel:
+                allreduce_sequence_parallel_grads(model)
         opt.step()
         opt.zero_grad()
-        times.append(time.perf_counter() - t0)
+        times.append(now(device) - t0)
         losses.append(loss.item())
-        if log_every and rank == 0 and (step % log_every == 0 or step == steps - 1):
+        if log_every and dist.get_rank() == 0 and (step % log_every == 0 or step == steps - 1):
             print(f"step {step + 1}/{steps} | loss {losses[-1]:.3f} | "
                   f"{batch_size * cfg.seq_len / times[-1] / 1e3:.1f}k tok/s | {times[-1] * 1e3:.0f} ms", flush=True)
-    tp_params = sum(p.numel() for p in model.parameters())
-    matrix_params = tp_params - sum(p.numel() for p in model.replicated_parameters())
-    dense_params = sum(p.numel() for p in dense.parameters())
-    dense_matrix = dense_params - sum(p.numel() for name, p in dense.named_parameters()
-                                      if "ln" in name or "pos_emb" in name or name.endswith("o.bias")
-                                      or name.endswith("fc2.bias"))
-    return {"world_size": n, "losses": losses, "dense_step0_loss": dense_loss, "ms_per_step": statistics.median(times) * 1e3,
-            "params_per_rank": tp_params, "dense_params": dense_params, "matrix_params_per_rank": matrix_params,
-            "dense_matrix_params": dense_matrix, "step_calls": dict(comm_calls), "step_bytes": dict(comm_bytes),
+    return {"world_size": dist.get_world_size(), "losses": losses, "dense_step0_loss": dense_loss,
+            "ms_per_step": statistics.median(times) * 1e3,
+            "params_per_rank": sum(p.numel() for p in model.parameters()),
+            "dense_params": sum(p.numel() for p in dense.parameters()),
+            "replicated_params": sum(p.numel() for p in model.replicated_parameters()),
+            "step": {phase: counter.totals(phase) for phase in ("forward", "backward")},
             "layer": count_layer_collectives(cfg, sequence_parallel, batch_size, device=device)}
 
 
 def print_report(r: dict, cfg: GPTConfig, batch_size: int, sequence_parallel: bool) -> None:
-    n, L = r["world_size"], cfg.n_layer
+    n, L, D = r["world_size"], cfg.n_layer, batch_size * cfg.seq_len * cfg.d_model * 4  # D: one activation's bytes
     print(f"\nstep-0 loss: tensor-parallel {r['losses'][0]:.6f} | dense model, same seed {r['dense_step0_loss']:.6f} | "
           f"difference {abs(r['losses'][0] - r['dense_step0_loss']):.1e}")
+    split, dense_split = r["params_per_rank"] - r["replicated_params"], r["dense_params"] - r["replicated_params"]
     print(f"parameters per rank: {r['params_per_rank']:,} of the dense model's {r['dense_params']:,}; the split "
-          f"matrices: {r['matrix_params_per_rank']:,} of {r['dense_matrix_params']:,} = 1/{r['dense_matrix_params'] / r['matrix_params_per_rank']:.2f} (formula 1/N = 1/{n})")
-    calls = r["layer"]["calls"]
-    print("\ncollectives of one transformer layer, forward and backward (measured | formula):")
-    if sequence_parallel:
-        rows = [("all_gather", "forward", 2), ("reduce_scatter", "forward", 2), ("reduce_scatter", "backward", 2),
-                ("all_gather", "backward", 2)]
-    else:
-        rows = [("all_reduce", "forward", 2), ("all_reduce", "backward", 2)]
-    for op, direction, formula in rows:
-        print(f"  {op:<15} {direction:<9} {calls.get((op, direction), 0)} | {formula}")
-    b = r["layer"]["bytes"]
-    key = ("all_gather", "forward") if sequence_parallel else ("all_reduce", "forward")
-    per_call = b.get(key, 0) // max(1, calls.get(key, 1))
-    print(f"bytes per {key[0]}: {per_call:,} | formula B·T·d·4 = {batch_size * cfg.seq_len * cfg.d_model * 4:,} "
-          f"(B={batch_size}, T={cfg.seq_len}, d={cfg.d_model}, fp32)"
-          + ("; each is the full activation, the sequence gathered from N slices" if sequence_parallel else ""))
-    sc = r["step_calls"]
+          f"matrices: {split:,} of {dense_split:,} = 1/{dense_split / split:.2f} (formula 1/N = 1/{n})")
+    print("\ncollectives of one transformer layer, counted by CommCounter (measured | formula):")
+    # An all-reduce or a reduce-scatter takes the whole activation in; an all-gather, this rank's T/N slice of it.
+    per_call = {"all_reduce": D, "reduce_scatter": D, "all_gather": D // n}
+    ops = ("all_gather", "reduce_scatter") if sequence_parallel else ("all_reduce",)
+    for phase in ("forward", "backward"):
+        for op in (ops if phase == "forward" else ops[::-1]):
+            calls, nbytes = r["layer"][phase].get(op, (0, 0))
+            print(f"  {op:<15} {phase:<9} {calls} | 2 calls, {nbytes // max(1, calls):>9,} | {per_call[op]:>9,} "
+                  f"bytes each")
+    print(f"  bytes: B·T·d·4{', B·(T/N)·d·4 handed to an all-gather' if sequence_parallel else ''} "
+          f"(B={batch_size}, T={cfg.seq_len}, d={cfg.d_model}, fp32)")
     if not sequence_parallel:
-        print(f"whole model per step: {sc.get(('all_reduce', 'forward'), 0)} all-reduces forward "
-              f"(2L + 1 embedding + 3 in the cross-entropy = {2 * L + 4}), {sc.get(('all_reduce', 'backward'), 0)} "
-              f"backward (2L + 1 at the head = {2 * L + 1})")
+        forward, backward = (r["step"][phase].get("all_reduce", (0, 0))[0] for phase in ("forward", "backward"))
+        print(f"whole model per step: {forward} all-reduces forward (2L + 1 embedding + 3 in the cross-entropy = "
+              f"{2 * L + 4}), {backward} backward (2L + 1 at the head = {2 * L + 1})")
     print(f"median step time {r['ms_per_step']:.1f} ms")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--sequence-parallel", action="store_true", help="split layer norms' activations along the sequence")
-    p.add_argument("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--json", metavar="PATH", help="write the figures as JSON (rank 0)")
-    args = p.parse_args(argv)
-    n = int(os.environ.get("WORLD_SIZE", 1))  # validated before any communication, identically on every rank
-    for flag, value in (("--n-head", args.n_head), ("--d-model", args.d_model)):
-        if value % n:
-            p.error(f"{flag} {value} is not divisible by the tensor-parallel size {n} (try {flag} {n * max(1, value // n)})")
-    if args.d_model % args.n_head:
-        p.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
-    if 256 % n:
-        p.error(f"the byte vocabulary (256) is not divisible by the tensor-parallel size {n}: use a power of two")
-    if args.sequence_parallel and args.seq_len % n:
-        p.error(f"--seq-len {args.seq_len} is not divisible by {n} (sequence parallelism splits it; try "
-                f"--seq-len {n * max(1, args.seq_len // n)})")
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (B), the same on every rank")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--n-layer", type=int, default=2, help="transformer blocks (L)")
+    parser.add_argument("--n-head", type=int, default=4, help="attention heads (a multiple of the ranks N)")
+    parser.add_argument("--d-model", type=int, default=64, help="model width d (a multiple of --n-head)")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (T)")
+    parser.add_argument("--sequence-parallel", action="store_true", help="split activations outside the TP regions "
+                        "along the sequence (T a multiple of N)")
+    parser.add_argument("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: stdlib source)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present, else cpu")
+    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON (rank 0)")
+    return parser
+
+
+def validate(parser: argparse.ArgumentParser, args) -> GPTConfig:
+    """Every flag, before any communication and identically on every rank; returns the model's config."""
+    for flag in ("steps", "batch_size", "n_layer", "n_head", "d_model", "seq_len"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.lr <= 0:
+        parser.error(f"--lr {args.lr}: must be above 0 (try --lr 3e-3)")
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible here (use --device cpu)")
+        parser.error("--device cuda: no CUDA device is visible here (use --device cpu)")
+    cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
+    try:  # the divisibility rules live in check_sizes, which TPGPT applies too
+        check_sizes(cfg, int(os.environ.get("WORLD_SIZE", 1)), args.sequence_parallel)
+    except ValueError as e:
+        parser.error(str(e))
+    return cfg
+
+
+def main(argv=None) -> dict:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    cfg = validate(parser, args)
     try:
         data = load_text(args.data)
     except ValueError as e:
-        p.error(str(e))
-    cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
+        parser.error(str(e))
     rank, n, device = setup_distributed(args.device)
     try:
         r = train(cfg, args.steps, args.batch_size, args.lr, args.sequence_parallel, data, device,
@@ -582,7 +471,7 @@ def main(argv=None):
         if rank == 0:
             print_report(r, cfg, args.batch_size, args.sequence_parallel)
             if args.json:
-                Path(args.json).write_text(json.dumps(r, indent=1, default=str))
+                Path(args.json).write_text(json.dumps(r, indent=1))
         return r
     finally:
         cleanup()

@@ -9,7 +9,6 @@ Run:   torchrun --nproc_per_node=4 benchmarks/collectives_bench.py
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,15 +19,14 @@ import collectives  # noqa: E402
 
 
 def median_seconds(fn, x: torch.Tensor, repeats: int) -> float:
+    """The slowest rank's median time of fn on a fresh copy of x (seconds)."""
     times = []
     for _ in range(repeats + 1):  # the first run warms up buffers and connections and is dropped
         y = x.clone()
         dist.barrier()
-        t0 = time.perf_counter()
+        t0 = collectives.now(y.device)  # synchronises CUDA: the time of the work, not of its launch
         fn(y)
-        if y.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(collectives.now(y.device) - t0)
     # Every rank must agree on the time: the slowest rank's median is the collective's time.
     t = torch.tensor(statistics.median(times[1:]), dtype=torch.float64, device=x.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -36,12 +34,15 @@ def median_seconds(fn, x: torch.Tensor, repeats: int) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--min-bytes", type=int, default=1 << 10)
-    p.add_argument("--max-bytes", type=int, default=64 << 20)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--min-bytes", type=int, default=1 << 10, help="smallest tensor, bytes (x4 per row)")
+    parser.add_argument("--max-bytes", type=int, default=64 << 20, help="largest tensor, bytes")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per size; the median is printed")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    args = parser.parse_args(argv)
+    if args.min_bytes < 4 or args.max_bytes < args.min_bytes or args.repeats < 1:
+        parser.error(f"--min-bytes {args.min_bytes}, --max-bytes {args.max_bytes}, --repeats {args.repeats}: "
+                     f"need 4 <= min-bytes <= max-bytes and repeats >= 1")
     rank, n, device = collectives.setup_distributed(args.device)
     algorithms = {"ring": collectives.ring_all_reduce, "naive": collectives.naive_all_reduce,
                   "built-in": lambda y: dist.all_reduce(y)}

@@ -9,7 +9,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,32 +20,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tensor_parallel as tp  # noqa: E402
 
 
-def median_ms(module, x, repeats):
+def median_ms(module, x: torch.Tensor, repeats: int) -> float:
+    """Median forward+backward time in ms (the first run, a warm-up, is dropped)."""
     times = []
     for _ in range(repeats + 1):
         xi = x.clone().requires_grad_(True)
         dist.barrier()
-        t0 = time.perf_counter()
+        t0 = tp.now(x.device)  # synchronises CUDA: the time of the work, not of its launch
         module(xi).sum().backward()
-        if xi.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(tp.now(x.device) - t0)
     return statistics.median(times[1:]) * 1e3
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--tokens", type=int, default=2048, help="B·T rows of the input")
-    p.add_argument("--repeats", type=int, default=10)
-    args = p.parse_args(argv)
-    rank, n, device = tp.setup_distributed()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--d-model", type=int, default=256, help="MLP width d (hidden 4d, a multiple of N)")
+    parser.add_argument("--tokens", type=int, default=2048, help="B·T rows of the input")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats; the median is printed")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    args = parser.parse_args(argv)
+    if min(args.d_model, args.tokens, args.repeats) < 1:
+        parser.error("--d-model, --tokens and --repeats must be at least 1")
+    rank, n, device = tp.setup_distributed(args.device)
     torch.manual_seed(0)
     cfg = tp.GPTConfig(d_model=args.d_model)
     dense = tp.MLP(cfg).to(device)
-    x = torch.randn(1, args.tokens, args.d_model, device=device)
+    x = torch.randn(1, args.tokens, args.d_model, device=device)  # (B=1, T=tokens, d)
 
-    ours = tp.ParallelMLP.from_dense(dense)
+    ours = tp.load_dense(tp.ParallelMLP(args.d_model, 4 * args.d_model).to(device), dense)
     mesh = init_device_mesh(device.type, (n,))
     theirs = parallelize_module(copy.deepcopy(dense), mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
     with torch.no_grad():

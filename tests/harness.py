@@ -4,8 +4,15 @@ run_distributed(fn, world_size, *args) spawns world_size processes, joins them i
 same environment variables torchrun sets, so the scripts' setup_distributed() just works), calls fn(*args) on each
 and returns the per-rank results. An exception on any rank is raised here with that rank's traceback; a hang or a
 crash fails after `timeout` seconds instead of blocking the suite.
+
+run_distributed(..., nccl_rules=True) runs fn under NCCL's point-to-point rules, emulated on gloo (see NcclRules):
+an unbatched send or receive blocks until its peer has posted the matching op; the ops of one
+dist.batch_isend_irecv are posted together and progress together. Code that would hang on NCCL fails here, within
+`nccl_timeout` seconds, with an error naming the rank, the peer and the op.
 """
 import datetime
+import functools
+import inspect
 import os
 import queue as queue_mod
 import re
@@ -28,14 +35,104 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue, pg_timeout):
+class NcclRules:
+    """NCCL's point-to-point rules on gloo. NCCL may block a send until its receive is posted (and a receive until
+    its send is): a lazily created pair communicator needs a handshake, and ops to one peer run in issue order on one
+    stream. So each op first announces itself on a store that run_distributed hosts, under (group, global src,
+    global dst, n-th op of that pair), and waits there for its peer's announcement before gloo sees it. An unbatched
+    op waits alone; a batch announces all its ops, then waits for all of their peers. A cycle of waits times out as
+    an error."""
+
+    def __init__(self, store, timeout: float):
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+        self.dist, self.c10d, self.store, self.timeout = dist, c10d, store, timeout
+        self.sent, self.received = {}, {}  # (group name, peer) -> how many ops this rank has posted to/from peer
+        self.originals = {name: getattr(dist, name) for name in ("isend", "irecv", "send", "recv",
+                                                                 "batch_isend_irecv")}
+
+    def install(self) -> None:
+        """Replace torch.distributed's point-to-point functions by ones that obey the rules (this process only)."""
+        o = self.originals
+        for name, peer_arg in (("isend", "dst"), ("irecv", "src"), ("send", "dst"), ("recv", "src")):
+            setattr(self.dist, name, self._unbatched(name, o[name], peer_arg))
+        setattr(self.dist, "batch_isend_irecv", functools.wraps(o["batch_isend_irecv"])(
+            lambda p2p_op_list: self._batch(p2p_op_list)))
+        # P2POp checks `op in [isend, irecv]` against distributed_c10d's own functions: accept ours as well.
+        check_op, to_original = self.c10d._check_op, {self.dist.isend: o["isend"], self.dist.irecv: o["irecv"]}
+        self.c10d._check_op = lambda op: check_op(to_original.get(op, op))
+        self.is_send = {self.dist.isend, o["isend"]}
+
+    def _unbatched(self, name: str, original, peer_arg: str):
+        signature = inspect.signature(original)
+
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs).arguments
+            group, group_peer = bound.get("group"), bound.get("group_" + peer_arg)
+            if not self.c10d._rank_not_in_group(group):
+                peer = self._global_peer(name, bound.get(peer_arg), group, group_peer)
+                self._wait_for_peers([self._announce(name.endswith("send"), peer, group)], name)
+            return original(*args, **kwargs)
+        return functools.wraps(original)(call)
+
+    def _batch(self, p2p_op_list):
+        """Announce every op of the batch, wait for all their peers, then hand each op to gloo."""
+        self.c10d._check_p2p_op_list(p2p_op_list)
+        keys = [self._announce(op.op in self.is_send, op.peer, op.group) for op in p2p_op_list]
+        self._wait_for_peers(keys, "batch_isend_irecv")
+        works = []
+        for op in p2p_op_list:  # gloo has no coalescing: batch_isend_irecv itself posts the ops one by one
+            sending = op.op in self.is_send
+            post = self.originals["isend" if sending else "irecv"]
+            work = post(op.tensor, group=op.group, tag=op.tag,
+                        **{"group_dst" if sending else "group_src": op.group_peer})
+            works += [work] if work is not None else []
+        return works
+
+    def _global_peer(self, name: str, peer, group, group_peer) -> int:
+        if group_peer is not None:
+            return self.dist.get_global_rank(group, group_peer) if group is not None else group_peer
+        if peer is None:
+            raise RuntimeError(f"NCCL rules: dist.{name} from any source: NCCL needs the peer named")
+        return peer
+
+    def _announce(self, sending: bool, peer: int, group) -> tuple:
+        """Post 'this op is issued' on the store; return what to wait for: (peer's key, description)."""
+        me = self.dist.get_rank()
+        group_name = (group or self.c10d._get_default_group()).group_name
+        count = self.sent if sending else self.received
+        seq = count[group_name, peer] = count.get((group_name, peer), -1) + 1
+        src, dst = (me, peer) if sending else (peer, me)
+        key = f"nccl_rules/{group_name}/{src}->{dst}/{seq}/"
+        self.store.set(key + ("send" if sending else "recv"), b"1")
+        what = f"send #{seq} to rank {peer}" if sending else f"recv #{seq} from rank {peer}"
+        return key + ("recv" if sending else "send"), what
+
+    def _wait_for_peers(self, keys: list, name: str) -> None:
+        me = self.dist.get_rank()
+        for key, what in keys:
+            try:
+                self.store.wait([key], datetime.timedelta(seconds=self.timeout))
+            except self.dist.DistStoreError:  # the store's timeout (a lost store is a DistNetworkError: raised)
+                raise RuntimeError(
+                    f"NCCL rules: rank {me}'s {what} (dist.{name}) waited {self.timeout:g} s for its peer to post "
+                    f"the matching op: on NCCL this deadlocks. Post the send and the receive together "
+                    f"(dist.batch_isend_irecv) or in an order that is safe when every send blocks.") from None
+
+
+def _worker(rank, world_size, port, fn, args, queue, pg_timeout, nccl_rules):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)  # N processes share 2 cores: one thread each avoids oversubscription
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=pg_timeout))
+        timeout = datetime.timedelta(seconds=pg_timeout)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+        if nccl_rules is not None:
+            store_port, nccl_timeout = nccl_rules
+            store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)
+            NcclRules(store, nccl_timeout).install()
         queue.put((rank, True, fn(*args)))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
@@ -44,14 +141,24 @@ def _worker(rank, world_size, port, fn, args, queue, pg_timeout):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 120, pg_timeout: float = 60):
+def _store_for_rules():
+    """The NCCL-rules emulation's store, hosted by the test process so that it outlives any rank that ends early."""
+    import torch.distributed as dist
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 120, pg_timeout: float = 60,
+                    nccl_rules: bool = False, nccl_timeout: float = 15):
     """Run fn(*args) on world_size gloo ranks; return [result of rank 0, result of rank 1, ...].
-    pg_timeout is the process group's own timeout: how long a collective or recv waits for a silent peer."""
+    pg_timeout is the process group's own timeout: how long a collective or recv waits for a silent peer.
+    nccl_rules=True: point-to-point ops obey NCCL's rules (NcclRules); a deadlock fails after nccl_timeout s."""
     ctx = mp.get_context("forkserver")  # workers fork from a server that imported torch once: fast and clean
     ctx.set_forkserver_preload(["torch", "torch.distributed", "numpy"])
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, pg_timeout), daemon=True)
+    store = _store_for_rules() if nccl_rules else None
+    rules = (store.port, nccl_timeout) if nccl_rules else None
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, pg_timeout, rules), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -21,6 +21,13 @@ def tolerance(dtype, n, max_abs):
     return dict(rtol=0, atol=n * n * torch.finfo(dtype).eps * max_abs)
 
 
+def _counted(fn):
+    """fn()'s result and its {op: (calls, bytes)}, counted from outside by the script's CommCounter."""
+    with collectives.CommCounter() as counter:
+        result = fn()
+    return result, counter.totals()
+
+
 def _ring_vs_builtin():
     r, n = dist.get_rank(), dist.get_world_size()
     for numel in NUMELS:
@@ -37,57 +44,57 @@ def _ring_vs_builtin():
             padded_sum = torch.zeros(n * c, dtype=dtype)
             padded_sum[:numel] = summed
 
-            collectives.bytes_sent.clear()
-            chunk = collectives.ring_reduce_scatter(x)
+            chunk, sent = _counted(lambda: collectives.ring_reduce_scatter(x))
             torch.testing.assert_close(chunk, padded_sum[r * c:(r + 1) * c], **tol)
-            # Padding counted as sent: each of the N-1 steps sends one whole chunk of ceil(numel/N) elements.
-            assert collectives.bytes_sent["ring_reduce_scatter"] == (n - 1) * c * e
+            # Padding counted as sent: each of the N-1 steps sends one whole chunk of ceil(numel/N) elements, and
+            # receives one, in one batch (no unbatched send or recv).
+            assert sent == {"isend": (n - 1, (n - 1) * c * e), "irecv": (n - 1, (n - 1) * c * e)}
 
-            collectives.bytes_sent.clear()
             mine = padded_sum[r * c:(r + 1) * c].clone()
-            full = collectives.ring_all_gather(mine)
+            full, sent = _counted(lambda: collectives.ring_all_gather(mine))
             builtin = torch.empty(n * c, dtype=dtype)
             dist.all_gather_single(builtin, mine)
             assert torch.equal(full, builtin)
-            assert collectives.bytes_sent["ring_all_gather"] == (n - 1) * c * e
+            assert sent["isend"] == (n - 1, (n - 1) * c * e)
 
-            collectives.bytes_sent.clear()
             y = x.clone()
-            out = collectives.ring_all_reduce(y)
+            out, sent = _counted(lambda: collectives.ring_all_reduce(y))
             assert out is y  # in place, like dist.all_reduce
             torch.testing.assert_close(y, summed, **tol)
-            assert sum(collectives.bytes_sent.values()) == 2 * (n - 1) * c * e
+            assert sent["isend"][1] == 2 * (n - 1) * c * e
             if numel % n == 0:
-                assert sum(collectives.bytes_sent.values()) == 2 * (n - 1) / n * numel * e
+                assert sent["isend"][1] == 2 * (n - 1) / n * numel * e
 
-            collectives.bytes_sent.clear()
             y = x.clone()
-            collectives.naive_all_reduce(y)
+            _, sent = _counted(lambda: collectives.naive_all_reduce(y))
             torch.testing.assert_close(y, summed, **tol)
-            assert collectives.bytes_sent["naive_all_reduce"] == ((n - 1) if r == 0 else 1) * numel * e
+            assert sent["send"] == ((n - 1, (n - 1) * numel * e) if r == 0 else (1, numel * e))
     return True
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_ring_collectives_equal_builtins_and_bytes_equal_formula(world_size):
-    assert run_distributed(_ring_vs_builtin, world_size) == [True] * world_size
+def test_ring_collectives_equal_builtins_and_bytes_equal_formula_under_nccl_rules(world_size):
+    # nccl_rules: every send/recv must be posted so that it would not hang on NCCL (tests/harness.py NcclRules).
+    assert run_distributed(_ring_vs_builtin, world_size, nccl_rules=True) == [True] * world_size
 
 
 def _subgroup():
-    # Ranks 1 and 3 form a group of their own: peers must be mapped from group ranks to global ranks.
+    # Ranks 1 and 3 form a group of their own: peers must be addressed as group ranks (the group maps them).
     group = dist.new_group([1, 3])
     r = dist.get_rank()
     x = torch.arange(5, dtype=torch.float64) * (r + 1)
+    y = x.clone()
     if r in (1, 3):
         collectives.ring_all_reduce(x, group=group)
-        return x.tolist()
+        collectives.naive_all_reduce(y, group=group)
+        return x.tolist(), y.tolist()
     return None
 
 
-def test_group_argument():
-    results = run_distributed(_subgroup, 4)
+def test_group_argument_under_nccl_rules():
+    results = run_distributed(_subgroup, 4, nccl_rules=True)
     expected = (torch.arange(5, dtype=torch.float64) * (2 + 4)).tolist()
-    assert results == [None, expected, None, expected]
+    assert results == [None, (expected, expected), None, (expected, expected)]
 
 
 def test_wrong_device_is_a_clear_error():
@@ -123,7 +130,7 @@ def test_single_process_runs_and_explains():
     assert "One process" in out
 
 
-@pytest.mark.parametrize("args, message", [(["--numel", "0"], "--numel: 0 is not positive"),
+@pytest.mark.parametrize("args, message", [(["--numel", "0"], "--numel 0 is not positive"),
                                            (["--dtype", "float7"], "invalid choice: 'float7'")])
 def test_bad_input_is_one_line(args, message, capsys):
     assert message in cli_error(collectives.main, args, capsys)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -38,15 +40,15 @@ def _layers_equal_dense():
     x = torch.randn(2, 8, 16)
     lin = nn.Linear(16, 24)
     for gather in (False, True):
-        check_layer(lin, tp.ColumnParallelLinear.from_dense(lin, gather_output=gather), x,
+        check_layer(lin, tp.load_dense(tp.ColumnParallelLinear(16, 24, gather_output=gather), lin), x,
                     [("weight", 0), ("bias", 0)])
     for parallel_in in (True, False):
-        check_layer(lin, tp.RowParallelLinear.from_dense(lin, input_is_parallel=parallel_in), x,
+        check_layer(lin, tp.load_dense(tp.RowParallelLinear(16, 24, input_is_parallel=parallel_in), lin), x,
                     [("weight", 1), ("bias", None)], input_is_sharded=parallel_in)
     cfg = tp.GPTConfig(d_model=16, n_head=4, seq_len=8)
     mlp, attn = tp.MLP(cfg), tp.Attention(cfg)
-    check_layer(mlp, tp.ParallelMLP.from_dense(mlp), x, [("fc1.weight", 0), ("fc2.weight", 1), ("fc2.bias", None)])
-    par_attn = tp.ParallelSelfAttention.from_dense(attn)
+    check_layer(mlp, tp.load_dense(tp.ParallelMLP(16, 64), mlp), x, [("fc1.weight", 0), ("fc2.weight", 1), ("fc2.bias", None)])
+    par_attn = tp.load_dense(tp.ParallelSelfAttention(16, 4), attn)
     check_layer(attn, par_attn, x, [("o.weight", 1), ("o.bias", None)])
     # q, k, v live fused as [q_r; k_r; v_r] on rank r: compare each third with the dense rows of our heads
     for j, name in enumerate("qkv"):
@@ -54,7 +56,7 @@ def _layers_equal_dense():
 
     emb = nn.Embedding(32, 16)
     idx = torch.randint(0, 32, (2, 8))
-    par_emb = tp.VocabParallelEmbedding.from_dense(emb)
+    par_emb = tp.load_dense(tp.VocabParallelEmbedding(32, 16), emb)
     out_d, out_p = emb(idx), par_emb(idx)
     torch.testing.assert_close(out_p, out_d, **TOL)
     g = torch.randn_like(out_d)
@@ -103,8 +105,7 @@ def _tpgpt_trains_like_dense(sequence_parallel):
             continue
         # 5 Adam steps amplify last-bit differences in the gradients (Adam normalises them): 1e-4 relative
         torch.testing.assert_close(full[name], p, rtol=1e-4, atol=1e-5, msg=name)
-    layer = tp.count_layer_collectives(cfg, sequence_parallel)["calls"]
-    return layer
+    return tp.count_layer_collectives(cfg, sequence_parallel, batch_size=2)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -119,21 +120,29 @@ def _both_modes():
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_tpgpt_trains_like_dense_and_counts_collectives(world_size):
     plain, sp = run_distributed(_both_modes, world_size)[0]
-    assert plain == {("all_reduce", "forward"): 2, ("all_reduce", "backward"): 2}
-    assert sp == {("all_gather", "forward"): 2, ("reduce_scatter", "forward"): 2,
-                  ("reduce_scatter", "backward"): 2, ("all_gather", "backward"): 2}
+    # One layer of B = 2, T = 16, d = 32 in fp32: every all-reduce carries the whole activation, D = B·T·d·4 bytes;
+    # with sequence parallelism a reduce-scatter takes the whole D in and an all-gather hands in its T/N slice.
+    D, n = 2 * 16 * 32 * 4, world_size
+    assert plain == {"forward": {"all_reduce": (2, 2 * D)}, "backward": {"all_reduce": (2, 2 * D)}}
+    assert sp == {"forward": {"all_gather": (2, 2 * D // n), "reduce_scatter": (2, 2 * D)},
+                  "backward": {"reduce_scatter": (2, 2 * D), "all_gather": (2, 2 * D // n)}}
 
 
 def test_readme_torchrun_line_checks_step0_and_counts():
     out = run_torchrun(readme_command("tensor_parallel.py"), "--steps 3").stdout
     diff = float(out.split("difference ")[1].split()[0])
     assert diff < 1e-5
-    assert "all_reduce      forward   2 | 2" in out and "all_reduce      backward  2 | 2" in out
+    # 2 + 2 all-reduces per layer, each of B·T·d·4 = 8·64·64·4 bytes (the README line's default sizes)
+    assert re.search(r"all_reduce +forward +2 \| 2 calls, +131,072 \| +131,072 bytes each", out), out
+    assert re.search(r"all_reduce +backward +2 \| 2 calls, +131,072 \| +131,072 bytes each", out), out
     assert "= 1/2.00 (formula 1/N = 1/2)" in out
 
 
-@pytest.mark.parametrize("args, message", [(["--n-head", "6"], "--n-head 6 is not divisible by the tensor-parallel size 4"),
-                                           (["--d-model", "66", "--n-head", "4"], "--d-model 66 is not divisible")])
+@pytest.mark.parametrize("args, message", [
+    (["--n-head", "6"], "--n-head 6 is not divisible by the tensor-parallel size 4 (try --n-head 8)"),
+    (["--d-model", "66", "--n-head", "4"], "--d-model 66 is not divisible"),
+    (["--n-head", "0"], "--n-head 0: must be at least 1"),
+    (["--sequence-parallel", "--seq-len", "30"], "--seq-len 30 is not divisible by the tensor-parallel size 4")])
 def test_indivisible_sizes_fail_before_any_communication(args, message, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun would set it; no process group is ever joined
     monkeypatch.setenv("RANK", "2")
