@@ -1,19 +1,18 @@
-"""3D parallelism: data × pipeline × tensor parallelism on one device mesh, with PyTorch's own building blocks.
+"""3D parallelism: data × pipeline × tensor parallelism on one device mesh, and a model of its step time at scale.
 
-GPUs = N_DP × N_PP × N_TP. Tensor parallelism splits every matrix of a layer and talks twice per layer in each
-direction, so it lives inside a node, on the fastest links; pipeline parallelism cuts the model into stages that
-only pass activations to their neighbour, so it spans nodes; data parallelism multiplies throughput and only
-all-reduces gradients once per step. The ranks form a (dp, pp, tp) grid, TP innermost:
+GPUs = N_DP × N_PP × N_TP. TP all-reduces activations several times per layer, so it lives inside a node (NVLink);
+PP passes activations between neighbouring stages, so it spans nodes; DP all-reduces gradients once per step. Ranks
+form a (dp, pp, tp) grid, TP innermost: rank = (d · N_PP + p) · N_TP + t. TP comes from DTensor, the pipeline from
+torch.distributed.pipelining (1F1B), DP is an all-reduce; every collective is counted from outside (torch.profiler,
+CommCounter). The planner predicts a step at cluster scale:
 
-    rank = (d · N_PP + p) · N_TP + t,
+    step = m · t_mb + bubble + exposed DP,   bubble = (p − 1)/(v·m + p − 1) of the pipeline's time,
+    t_mb = FLOPs of one micro-batch on one GPU / (η · peak) + TP all-reduces on NVLink + PP sends on InfiniBand,
 
-so a TP group is N_TP consecutive ranks (one node). Here TP comes from DTensor (parallelize_module with
-column/row-wise styles), the pipeline from torch.distributed.pipelining (1F1B), and data parallelism replicates the
-stages and all-reduces their gradients over the DP group. tensor_parallel.py, pipeline_parallel.py and zero.py
-build each piece from scratch; this file shows how production code composes them, and plans the degrees.
+checked against Narayanan et al. (2021, Megatron-LM, 1.7B to 1T on up to 3,072 A100s) and LLaMA 3 405B.
 
 Run:   torchrun --nproc_per_node=8 parallel_3d.py --dp 2 --pp 2 --tp 2
-       python parallel_3d.py --plan --params 70e9 --gpus 64 --gpus-per-node 8 --gpu-mem 80
+       python parallel_3d.py --plan --params 175e9 --gpus 1024 --gpu a100
 """
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ import datetime
 import json
 import math
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -51,20 +51,19 @@ def mesh_coordinates(world_size: int, dp: int, pp: int, tp: int) -> dict:
             "dp_groups": [[rank(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)]}
 
 
-# The Megatron split of a block, in DTensor's words: q, k, v and fc1 by output columns, o and fc2 by input rows.
+# The Megatron split of a block in DTensor's words: q, k, v, fc1 by output columns, o, fc2 by input rows. Forward, o and
+# fc2 all-reduce their output; backward, q, k, v and fc1 each their input's gradient: 2 + 4 = 6 per micro-batch.
 TP_PLAN = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
            "attn.o": RowwiseParallel(), "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()}
 
 
 class Stage(nn.Module):
     """The blocks of one pipeline stage (consecutive, balanced), plus the embeddings on the first stage and the
-    final norm and head on the last."""
+    final norm and head on the last. A tied head and embedding become two copies on two stages: see sync_grads."""
 
     def __init__(self, model: "TinyGPT", p: int, n_stages: int):
         super().__init__()
         L = len(model.blocks)
-        if n_stages > L:
-            raise ValueError(f"{n_stages} pipeline stages but only {L} layers: use --n-layer {n_stages} or more")
         lo, hi = p * L // n_stages, (p + 1) * L // n_stages
         self.first, self.last = p == 0, p == n_stages - 1
         self.blocks = nn.ModuleList(model.blocks[lo:hi])
@@ -72,6 +71,9 @@ class Stage(nn.Module):
             self.tok_emb, self.pos_emb = model.tok_emb, model.pos_emb
         if self.last:
             self.ln_f, self.head = model.ln_f, model.head
+        # the copy of a tied embedding/head this stage holds when the pair lives on two stages (else None)
+        tied = model.cfg.tie_weights and n_stages > 1 and (self.first or self.last)
+        self.tied_weight = (model.tok_emb.weight if self.first else model.head.weight) if tied else None
 
     def forward(self, x):
         if self.first:
@@ -86,94 +88,244 @@ def build_3d(model: "TinyGPT", mesh, n_microbatches: int, device):
     over the PP group. Every rank must start from the same full model (same seed)."""
     p = mesh["pp"].get_local_rank()
     stage = Stage(model, p, mesh["pp"].size())
-    tp = mesh["tp"].size()
-    stage.row_parallel_calls = 0
     for block in stage.blocks:
         parallelize_module(block, mesh["tp"], TP_PLAN)
-        block.attn.n_head //= tp  # each rank now computes n_head / N_TP whole heads
-        for row in (block.attn.o, block.mlp.fc2):  # each call ends in an all-reduce of its output over TP
-            row.register_forward_hook(lambda *_: setattr(stage, "row_parallel_calls", stage.row_parallel_calls + 1))
+        block.attn.n_head //= mesh["tp"].size()  # each rank now computes n_head / N_TP whole heads
+    # NCCL-safe p2p by construction: Schedule1F1B posts a step's mixed sends and receives together (batch_isend_irecv)
     pipe = TorchPipelineStage(stage, p, mesh["pp"].size(), device, group=mesh["pp"].get_group())
     loss_fn = lambda logits, y: F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
     return stage, Schedule1F1B(pipe, n_microbatches=n_microbatches, loss_fn=loss_fn)
 
 
-def allreduce_dp_grads(stage: nn.Module, dp_group, dp: int) -> int:
-    """Average gradients over the data-parallel replicas of this stage shard; return the bytes a ring all-reduce
-    of them sends (2(N-1)/N of the buffer, as collectives.py measures)."""
-    sent = 0
-    for q in stage.parameters():
-        if q.grad is None:
-            continue
-        g = q.grad.to_local() if isinstance(q.grad, DTensor) else q.grad
-        dist.all_reduce(g, group=dp_group)
-        g /= dp
-        sent += 2 * (dp - 1) * g.numel() * g.element_size() // dp
-    return sent
+def tied_weight_groups(dp: int, pp: int, tp: int):
+    """Megatron's embedding group: for each (d, t), the first and last stage ranks, which hold the two copies of a
+    tied embedding/head. new_group is collective: every rank creates every group, in the same order."""
+    mine = None
+    for ranks in mesh_coordinates(dp * pp * tp, dp, pp, tp)["pp_groups"]:
+        group = dist.new_group([ranks[0], ranks[-1]])
+        mine = group if dist.get_rank() in (ranks[0], ranks[-1]) else mine
+    return mine
 
 
-def local_numel(module: nn.Module) -> int:
-    return sum((q.to_local() if isinstance(q, DTensor) else q).numel() for q in module.parameters())
-
-
-# --- the planner --------------------------------------------------------------------------
-
-BYTES_PER_PARAM = 16  # mixed-precision Adam: 2 weights + 2 gradients + 12 fp32 master, m, v
-
-
-def activation_bytes(params: float, seq_len: int, layers: int | None = None) -> tuple[float, int, int]:
-    """Activations kept per layer with full recomputation (only each layer's bf16 input, 2·s·h bytes for one
-    sequence), with a GPT shape guessed from Φ ≈ 12·L·h² and h ≈ 128·L (GPT-3 175B: h = 12288, L = 96)."""
-    L = layers or max(8, 8 * round((params / (12 * 128 ** 2)) ** (1 / 3) / 8))  # a multiple of 8
-    h = int(math.sqrt(params / (12 * L)))
-    return 2 * seq_len * h, L, h
-
-
-def plan(params: float, gpus: int, gpus_per_node: int, gpu_mem_gb: float, seq_len: int = 2048,
-         layers: int | None = None) -> dict:
-    """Degrees by the usual rules: one GPU holds it → DDP; below 10B → FSDP/ZeRO-3 over all GPUs; larger → TP =
-    GPUs per node (fast links), PP across as many nodes as the 16Φ states need (and that divide the layers and the
-    node count), DP for the rest. Every (tp, pp) candidate is listed with its memory per GPU."""
-    if gpus % gpus_per_node and gpus > gpus_per_node:
-        raise ValueError(f"--gpus {gpus} is not a whole number of nodes of --gpus-per-node {gpus_per_node}")
-    mem = gpu_mem_gb * 1e9
-    per_layer, L, h = activation_bytes(params, seq_len, layers)
-    state = BYTES_PER_PARAM * params
-    candidates = []
-    tp = 1
-    while tp <= min(gpus_per_node, gpus):
-        for pp in [k for k in range(1, gpus // tp + 1) if (gpus // tp) % k == 0 and L % k == 0]:
-            dp = gpus // (tp * pp)
-            # states split by TP × PP; 1F1B keeps up to pp micro-batches of its L/pp layers: L layer inputs
-            need = state / (tp * pp) + per_layer * L / tp
-            candidates.append({"tp": tp, "pp": pp, "dp": dp, "gb_states": state / (tp * pp) / 1e9,
-                               "gb_activations": per_layer * L / tp / 1e9, "gb": need / 1e9, "fits": need <= mem})
-        tp *= 2
-    if state + per_layer * L <= mem:
-        choice = {"strategy": "DDP", "tp": 1, "pp": 1, "dp": gpus, "gb": (state + per_layer * L) / 1e9}
-    elif params < 10e9 and state / gpus + per_layer * L <= mem:
-        choice = {"strategy": "FSDP / ZeRO-3", "tp": 1, "pp": 1, "dp": gpus, "gb": (state / gpus + per_layer * L) / 1e9}
+def run_pipeline(stage: Stage, schedule, x, y) -> list:
+    """One 1F1B pass over the micro-batches: forward, backward, gradients accumulated. The last stage returns the
+    micro-batch losses."""
+    out = []
+    if stage.first:
+        schedule.step(x, target=y if stage.last else None, losses=out if stage.last else None)
+    elif stage.last:
+        schedule.step(target=y, losses=out)
     else:
-        tp = min(gpus_per_node, gpus)
-        nodes_needed = math.ceil(state / (tp * mem))  # nodes whose memory the 16Φ states need
-        fitting = [c for c in candidates if c["tp"] == tp and c["pp"] >= nodes_needed and c["fits"]]
-        if not fitting:
-            raise ValueError(f"{params:.3g} parameters do not fit on {gpus} GPUs of {gpu_mem_gb:g} GB by TP × PP: "
-                             f"add GPUs or shard the optimizer states too (ZeRO-1 across DP)")
-        c = min(fitting, key=lambda c: c["pp"])
-        choice = {"strategy": "3D (TP in a node, PP across nodes, DP for the rest)", "tp": c["tp"], "pp": c["pp"],
-                  "dp": c["dp"], "gb": c["gb"]}
-    return {"params": params, "layers": L, "hidden": h, "choice": choice, "candidates": candidates}
+        schedule.step()
+    return out
+
+
+def allreduce_tied_grads(stage: Stage, tied_group) -> None:
+    """Sum the tied embedding's and head's gradients between first and last stage, so that both copies take the
+    single model's step (its gradient is the sum of both uses)."""
+    if stage.tied_weight is not None:
+        dist.all_reduce(stage.tied_weight.grad, group=tied_group)
+
+
+def allreduce_dp_grads(stage: Stage, dp_group, dp: int) -> None:
+    """Average every gradient of this stage shard over its data-parallel replicas."""
+    for q in stage.parameters():
+        if q.grad is not None:
+            g = q.grad.to_local() if isinstance(q.grad, DTensor) else q.grad
+            dist.all_reduce(g, group=dp_group)
+            g /= dp
+
+
+def layout_error(world: int, dp: int, pp: int, tp: int, cfg: "GPTConfig", batch: int, m: int) -> str | None:
+    """The one place a training layout is checked (main reports it as a usage error, train raises it)."""
+    if dp * pp * tp != world:
+        return f"--dp {dp} × --pp {pp} × --tp {tp} = {dp * pp * tp}, but the world size is {world}: make them multiply to it"
+    if cfg.n_head % tp or cfg.d_model % cfg.n_head:
+        return f"--n-head {cfg.n_head} must divide --d-model {cfg.d_model} and be divisible by --tp {tp}"
+    if pp > cfg.n_layer:
+        return f"--pp {pp} stages but only --n-layer {cfg.n_layer}: use --n-layer {pp} or more"
+    if batch % m or m < pp:
+        return f"--microbatches {m} must divide --batch-size {batch} and be at least --pp {pp} (1F1B fills the pipe)"
+    return None
+
+
+# --- the planner: memory and step time at cluster scale ---------------------------------------------------------
+
+# Peak dense bf16 TFLOP/s, NVLink and InfiniBand GB/s per GPU (one direction), HBM GB, from NVIDIA's datasheets:
+# A100 SXM4 80GB: 312 TFLOP/s, NVLink 3 600 GB/s both ways; DGX A100: one 200 Gb/s HDR adapter per GPU (25 GB/s).
+# H100 SXM5: 989 TFLOP/s, NVLink 4 900 GB/s both ways, 80 GB; DGX H100: one 400 Gb/s NDR adapter per GPU (50 GB/s).
+# H200 SXM: the H100's compute and links with 141 GB of HBM3e.
+GPUS = {"a100": {"tflops": 312, "nvlink": 300, "ib": 25, "hbm": 80},
+        "h100": {"tflops": 989, "nvlink": 450, "ib": 50, "hbm": 80},
+        "h200": {"tflops": 989, "nvlink": 450, "ib": 50, "hbm": 141}}
+# η, the fraction of peak the GEMMs reach: the one fitted constant, fitted by fit_efficiency on ONE row of Narayanan
+# et al. (2021) Table 1, the one nearest GPT-3 (145.6B on 1,536 A100s, 148 TFLOP/s); every other row and the H100
+# run are predictions with it.
+EFFICIENCY = 0.580
+RECOMPUTE = ("full", "selective", "none")
+
+
+@dataclass
+class Shape:
+    """A GPT: Φ parameters, L layers, hidden h, a heads, sequence s, vocabulary V."""
+    params: float
+    layers: int
+    hidden: int
+    heads: int
+    seq: int = 2048
+    vocab: int = 51200
+
+
+def gpt_shape(params: float, layers: int | None = None, hidden: int | None = None, heads: int | None = None,
+              seq: int = 2048) -> Shape:
+    """Fill in a shape from Φ ≈ 12·L·h² with h ≈ 128·L (GPT-3 175B: L = 96, h = 12288), heads of 128 (h a
+    multiple of 1024, so that 8-way TP splits the heads)."""
+    L = layers or max(8, 8 * round((params / (12 * 128 ** 2)) ** (1 / 3) / 8))
+    h = hidden or max(1024, 1024 * round(math.sqrt(params / (12 * L)) / 1024))
+    return Shape(params, L, h, heads or h // 128, seq)
+
+
+def state_bytes(params: float, n: int, zero_stage: int = 0) -> float:
+    """Mixed-precision Adam per GPU (zero.py's accounting): 2Φ bf16 weights + 2Φ gradients + 12Φ fp32 master, m, v,
+    each divided by the N data-parallel ranks from its ZeRO stage on: 16Φ, 4Φ + 12Φ/N, 2Φ + 14Φ/N, 16Φ/N."""
+    return params * (2 / (n if zero_stage >= 3 else 1) + 2 / (n if zero_stage >= 2 else 1) + 12 / (n if zero_stage >= 1 else 1))
+
+
+def activation_bytes(s: int, b: int, h: int, a: int, tp: int = 1, sp: bool = True, recompute: str = "none") -> float:
+    """Bytes one layer keeps for backward per micro-batch (Korthikanti et al. 2022, 16-bit activations, 1-byte
+    dropout masks): sbh(34 + 5as/h) without parallelism; TP divides 24 of the 34 and the 5as/h, sequence
+    parallelism the rest; selective recomputation drops 5as/h; full recomputation keeps only the input, 2sbh."""
+    if recompute == "full":
+        return 2 * s * b * h / (tp if sp else 1)
+    attention = 0 if recompute == "selective" else 5 * a * s / h
+    return s * b * h * ((34 + attention) / tp if sp else 10 + (24 + attention) / tp)
+
+
+def memory_per_gpu(shape: Shape, tp: int, pp: int, dp: int, m: int, micro: int = 1, v: int = 1, zero_stage: int = 0,
+                   recompute: str = "selective", sp: bool = True) -> dict:
+    """GB per GPU on the first stage (the fullest under 1F1B): states of Φ/(tp·pp) parameters, and the activations
+    of min(p, m) micro-batches in flight through its L/p layers (interleaving keeps (p−1)/(p·v) more)."""
+    states = state_bytes(shape.params / (tp * pp), dp, zero_stage)
+    in_flight = shape.layers / pp * min(pp, m) * (1 + (pp - 1) / (pp * v) if v > 1 else 1)
+    acts = in_flight * activation_bytes(shape.seq, micro, shape.hidden, shape.heads, tp, sp, recompute)
+    return {"states": states / 1e9, "activations": acts / 1e9, "total": (states + acts) / 1e9}
+
+
+def flops_per_token(shape: Shape, recompute: str) -> dict:
+    """FLOPs per token: 6Φ for the matrices forward and backward plus 12·L·s·h for attention's scores and weighted
+    sum ("model"); recomputation repeats a layer's forward (full: its 2Φ/L + 4sh; selective: attention's 4sh).
+    Per layer and for the logits (6Vh, on the last stage) too, since the slowest stage sets the pipeline's pace."""
+    s, h, L, V = shape.seq, shape.hidden, shape.layers, shape.vocab
+    layer = 6 * (shape.params - V * h) / L + 12 * s * h
+    extra = {"full": 2 * (shape.params - V * h) / L + 4 * s * h, "selective": 4 * s * h, "none": 0}[recompute]
+    return {"model": L * layer + 6 * V * h, "hardware": L * (layer + extra) + 6 * V * h, "layer": layer + extra,
+            "logits": 6 * V * h}
+
+
+def ring_seconds(nbytes: float, n: int, gbps: float) -> float:
+    """A ring all-reduce sends 2(N−1)/N of the buffer from every GPU over its link."""
+    return 2 * (n - 1) / n * nbytes / (gbps * 1e9) if n > 1 else 0.0
+
+
+def step_time(shape: Shape, gpu: str, tp: int, pp: int, dp: int, batch: int, micro: int = 1, v: int = 1,
+              recompute: str = "selective", overlap_tp: bool = True, overlap_dp: bool = True, gpus_per_node: int = 8,
+              efficiency: float = EFFICIENCY, grad_bytes: int = 4) -> dict:
+    """Predicted seconds per step of `batch` sequences and its parts. TFLOP/s per GPU counts the FLOPs the GPUs
+    execute (recomputation included, as Narayanan et al. count), MFU only the model's (as LLaMA 3 counts)."""
+    g, s, h = GPUS[gpu], shape.seq, shape.hidden
+    m, f = batch // (dp * micro), flops_per_token(shape, recompute)
+    # one micro-batch on one GPU of the last stage: its L/p layers and the logits
+    compute = (shape.layers / pp * f["layer"] + f["logits"]) * micro * s / tp / (efficiency * g["tflops"] * 1e12)
+    # TP: per layer and micro-batch 2 all-reduces forward, 2 backward (+2 when the forward is recomputed); hidden
+    # behind the GEMMs when overlapped (Megatron-Core's --tp-comm-overlap) as far as they last
+    tp_link = g["nvlink"] if tp <= gpus_per_node else g["ib"]
+    tp_comm = (4 + 2 * (recompute == "full")) * shape.layers / pp * ring_seconds(2 * micro * s * h, tp, tp_link)
+    tp_exposed = max(0.0, tp_comm - compute) if overlap_tp else tp_comm
+    # PP: each micro-batch's activation forward and its gradient back, split over the TP ranks (Megatron's
+    # scatter/gather), over InfiniBand once the stages sit on different nodes
+    link = g["nvlink"] if tp * pp <= gpus_per_node else g["ib"]
+    pp_comm = v * 2 * (2 * micro * s * h / tp) / (link * 1e9) if pp > 1 else 0.0
+    t_mb = compute + tp_exposed + pp_comm
+    bubble = (pp - 1) / v * t_mb  # = (p − 1)/(v·m + p − 1) of the pipeline's time
+    # DP: fp32 gradients (Megatron's main grads) in a ring; overlapped, it hides behind the last backward
+    dp_comm = ring_seconds(grad_bytes * shape.params / (tp * pp), dp, g["nvlink"] if tp * pp * dp <= gpus_per_node else g["ib"])
+    dp_exposed = max(0.0, dp_comm - 2 / 3 * compute) if overlap_dp else dp_comm
+    total = m * t_mb + bubble + dp_exposed
+    per_gpu = batch * s / (tp * pp * dp)  # tokens per GPU per step
+    return {"step_time_s": total, "compute_s": m * compute, "tp_s": m * tp_exposed, "pp_s": m * pp_comm,
+            "bubble_s": bubble, "dp_exposed_s": dp_exposed, "microbatches": m,
+            "tflops_per_gpu": f["hardware"] * per_gpu / total / 1e12,
+            "mfu": f["model"] * per_gpu / total / (g["tflops"] * 1e12)}
+
+
+def plan(shape: Shape, gpus: int, gpu: str = "a100", batch: int = 1536, gpus_per_node: int = 8,
+         gpu_mem: float | None = None, zero_stage: int = 0, recompute: str = "selective",
+         tp: int | None = None, pp: int | None = None) -> list[dict]:
+    """Every layout that fits, fastest first. TP stays in a node and divides the heads; PP divides the layers;
+    DP divides the batch; one sequence per micro-batch (the smallest bubble)."""
+    mem = gpu_mem or GPUS[gpu]["hbm"]
+    rows = []
+    for t in [k for k in (1, 2, 4, 8, 16, 32) if k <= min(gpus_per_node, gpus) and shape.heads % k == 0]:
+        for p in [k for k in range(1, shape.layers + 1) if shape.layers % k == 0 and (gpus // t) % k == 0]:
+            d = gpus // (t * p)
+            if t * p * d != gpus or batch % d or (tp and t != tp) or (pp and p != pp):
+                continue
+            memory = memory_per_gpu(shape, t, p, d, batch // d, zero_stage=zero_stage, recompute=recompute)
+            if memory["total"] <= mem:
+                rows.append({"tp": t, "pp": p, "dp": d, "memory_gb_per_gpu": memory["total"], **memory,
+                             **step_time(shape, gpu, t, p, d, batch, recompute=recompute, gpus_per_node=gpus_per_node)})
+    if not rows:
+        raise ValueError(f"--params {shape.params:.3g} fits no layout on --gpus {gpus} of {mem:g} GB (TP inside a node of "
+                         f"--gpus-per-node {gpus_per_node}, PP dividing {shape.layers} layers): add GPUs, --zero-stage, "
+                         f"or --recompute full")
+    return sorted(rows, key=lambda r: (round(r["step_time_s"], 6), r["tp"] * r["pp"]))  # ties: less model parallelism
 
 
 # --- demo --------------------------------------------------------------
 
+DTYPE_BYTES = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8, "int": 4, "unsigned char": 1}
+
+
+def collectives_seen(prof) -> dict[str, tuple[int, int]]:
+    """{op: (calls, bytes)} from the backend's events in a torch.profiler trace (record_shapes): gloo and NCCL record
+    each all_reduce, send and recv with its tensor's shape and dtype, also those DTensor and pipelining issue inside
+    PyTorch, which never pass through dist.* in Python. (NCCL records a batch of p2p ops as one nccl:coalesced.)"""
+    out = {}
+    for e in prof.events():
+        match = re.match(r"(gloo|nccl):(\w+)", e.name)
+        if match:
+            shapes = zip(e.input_shapes or [], e.input_dtypes or [])
+            nbytes = sum(math.prod(shape) * DTYPE_BYTES[dtype] for shape, dtype in shapes if shape)
+            calls, total = out.get(match[2], (0, 0))
+            out[match[2]] = (calls + 1, total + nbytes)
+    return out
+
+
+def measured_step(stage: Stage, schedule, x, y, mesh, dp: int, tied_group) -> tuple[list, dict]:
+    """One step's communication watched from outside: the profiler sees what PyTorch runs for us (TP all-reduces,
+    pipeline sends), CommCounter our own dist.all_reduce calls. Returns (losses, {kind: (calls, bytes)})."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = run_pipeline(stage, schedule, x, y)
+    with CommCounter() as counter:
+        counter.phase = "tied"
+        allreduce_tied_grads(stage, tied_group)
+        counter.phase = "dp"
+        allreduce_dp_grads(stage, mesh["dp"].get_group(), dp)
+    seen = collectives_seen(prof)
+    p2p = [seen.get(op, (0, 0)) for op in ("send", "recv", "coalesced")]
+    return out, {"tp": seen.get("all_reduce", (0, 0)), "pp": tuple(map(sum, zip(*p2p))),
+                 "tied": counter.totals("tied").get("all_reduce", (0, 0)),
+                 "dp": counter.totals("dp").get("all_reduce", (0, 0))}
+
 
 def train(dp: int, pp: int, tp: int, steps: int = 5, cfg: GPTConfig | None = None, batch_size: int = 8,
           n_microbatches: int = 2, lr: float = 3e-3, data=None, device="cpu", seed: int = 0, log_every: int = 0) -> dict:
-    """Train TinyGPT on a (dp, pp, tp) mesh of this process group; each DP replica takes its slice of the global
-    batch. Returns the losses, the single-process step-0 loss, this rank's parameters and traffic."""
+    """Train TinyGPT on a (dp, pp, tp) mesh of this process group, each DP replica on its slice of the global batch;
+    count the last step's collectives (the first also carries pipelining's one-time shape exchange). Returns losses,
+    the single-process step-0 loss, this rank's parameters and traffic."""
     cfg = cfg or GPTConfig(n_layer=2, d_model=32, n_head=4, seq_len=16, tie_weights=False)
+    if error := layout_error(dist.get_world_size(), dp, pp, tp, cfg, batch_size, n_microbatches):
+        raise ValueError(error)
     device = torch.device(device)
     mesh = init_device_mesh(device.type, (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
     d, p, t = mesh.get_coordinate()
@@ -185,125 +337,156 @@ def train(dp: int, pp: int, tp: int, steps: int = 5, cfg: GPTConfig | None = Non
     with torch.no_grad():
         reference_loss = model(*(b.to(device) for b in batches[0])).item()
     stage, schedule = build_3d(model, mesh, n_microbatches, device)
+    tied_group = tied_weight_groups(dp, pp, tp) if cfg.tie_weights and pp > 1 else None  # same test on every rank
     opt = torch.optim.AdamW(stage.parameters(), lr=lr, weight_decay=0.1)
     losses, times, traffic = [], [], {}
     last = dist.get_global_rank(mesh["pp"].get_group(), pp - 1)  # this rank's peer on the last stage
     for step, (x, y) in enumerate(batches):
         x, y = x[d * batch_size:(d + 1) * batch_size].to(device), y[d * batch_size:(d + 1) * batch_size].to(device)
-        t0 = time.perf_counter()
-        out = []
-        stage.row_parallel_calls = 0
-        if stage.first:
-            schedule.step(x, target=y if stage.last else None, losses=out if stage.last else None)
-        elif stage.last:
-            schedule.step(target=y, losses=out)
+        t0 = now(device)
+        if step == steps - 1:
+            out, traffic = measured_step(stage, schedule, x, y, mesh, dp, tied_group)
         else:
-            schedule.step()
-        dp_bytes = allreduce_dp_grads(stage, mesh["dp"].get_group(), dp)
+            out = run_pipeline(stage, schedule, x, y)
+            allreduce_tied_grads(stage, tied_group)
+            allreduce_dp_grads(stage, mesh["dp"].get_group(), dp)
         opt.step()
         opt.zero_grad()
-        times.append(time.perf_counter() - t0)
-        loss = torch.tensor([torch.stack(out).mean().item() if out else 0.0])
+        times.append(now(device) - t0)
+        loss = torch.stack(out).mean().reshape(1).detach() if out else torch.zeros(1, device=device)
         dist.broadcast(loss, src=last, group=mesh["pp"].get_group())  # the last stage knows the loss
         dist.all_reduce(loss, group=mesh["dp"].get_group())
         losses.append(loss.item() / dp)
-        mb_bytes = batch_size // n_microbatches * cfg.seq_len * cfg.d_model * 4  # one micro-batch's activation
-        # forward: one all-reduce per row-parallel call (counted by hooks); backward mirrors it at the
-        # column-parallel inputs, whose gradients are partial sums: as many again
-        tp_calls = 2 * stage.row_parallel_calls if tp > 1 else 0
-        # pipeline: each micro-batch's activation forward (unless last) and its gradient back (unless first)
-        pp_sends = n_microbatches * ((not stage.last) + (not stage.first))
-        traffic = {"dp": dp_bytes, "tp": tp_calls * 2 * (tp - 1) * mb_bytes // tp, "tp_collectives": tp_calls,
-                   "pp": pp_sends * mb_bytes}
         if log_every and dist.get_rank() == 0 and (step % log_every == 0 or step == steps - 1):
             print(f"step {step + 1}/{steps} | loss {losses[-1]:.4f} | {times[-1] * 1e3:.0f} ms", flush=True)
-    params = {}
     names = {id(q): n for n, q in model.named_parameters()}
-    for q in stage.parameters():
-        params[names[id(q)]] = (q.full_tensor() if isinstance(q, DTensor) else q).detach().clone()
+    params = {names[id(q)]: (q.full_tensor() if isinstance(q, DTensor) else q).detach().clone() for q in stage.parameters()}
     return {"coords": (d, p, t), "losses": losses, "reference_step0_loss": reference_loss, "params": params,
-            "params_held": local_numel(stage), "model_params": sum(q.numel() for q in TinyGPT(cfg).parameters()),
-            "traffic": traffic, "ms_per_step": statistics.median(times) * 1e3}
+            "params_held": sum((q.to_local() if isinstance(q, DTensor) else q).numel() for q in stage.parameters()), "model_params": sum(q.numel() for q in TinyGPT(cfg).parameters()),
+            "layers_held": len(stage.blocks), "traffic": traffic, "ms_per_step": statistics.median(times) * 1e3}
 
 
-def print_report(per_rank: list[dict]) -> None:
+def print_report(per_rank: list[dict], m: int, tp: int) -> None:
     r0 = per_rank[0]
     print(f"\nstep-0 loss {r0['losses'][0]:.6f} | single-process model, same seed: {r0['reference_step0_loss']:.6f}")
-    print(f"\n{'rank':>4} | {'(dp, pp, tp)':>12} | {'params held':>11} {'of model':>9} | {'bytes/step: DP':>14} "
-          f"{'TP':>10} {'(collectives)':>13} {'PP':>9}")
+    print(f"{'rank':>4} | {'(dp, pp, tp)':>12} | {'params held':>11} | {'DP all-reduce':>15} | {'tied':>9} | "
+          f"{'TP all-reduce':>15} | {'PP send+recv':>15} | {'TP = 6·L·m':>10} | ms/step  (last step: calls / bytes)")
+    cell = lambda cb, w: f"{cb[0]:>4} / {cb[1]:>{w - 7},}"
     for r, res in enumerate(per_rank):
         tr = res["traffic"]
-        print(f"{r:>4} | {str(tuple(res['coords'])):>12} | {res['params_held']:>11,} {res['model_params']:>9,} | "
-              f"{tr['dp']:>14,} {tr['tp']:>10,} {tr['tp_collectives']:>13} {tr['pp']:>9,}")
-    print("(DP: our gradient all-reduce at a ring's 2(N-1)/N of the buffer; TP: all-reduces of one micro-batch's "
-          "activation, forward ones counted by hooks on the row-parallel layers and as many backward; PP: the "
-          "activations and gradients this stage passes to its neighbours)")
+        print(f"{r:>4} | {str(tuple(res['coords'])):>12} | {res['params_held']:>11,} | {cell(tr['dp'], 15)} | "
+              f"{cell(tr['tied'], 9)} | {cell(tr['tp'], 15)} | {cell(tr['pp'], 15)} | "
+              f"{6 * res['layers_held'] * m if tp > 1 else 0:>10} | {res['ms_per_step']:.0f}")
+    print(f"(model: {r0['model_params']:,} parameters; TP, PP: torch.profiler's backend events; DP, tied: CommCounter)")
 
 
-def print_plan(result: dict, gpus: int, gpus_per_node: int, mem: float) -> None:
-    c = result["choice"]
-    print(f"Φ = {result['params']:.3g} parameters (assumed shape: {result['layers']} layers, hidden {result['hidden']}), "
-          f"{gpus} GPUs of {mem:g} GB, {gpus_per_node} per node; 16 bytes per parameter, full recomputation")
-    print(f"{'TP':>4} {'PP':>4} {'DP':>5} | {'states GB/GPU':>13} {'activations':>11} {'total':>8} | fits")
-    for cand in result["candidates"]:
-        mark = "  <- chosen" if c["strategy"].startswith("3D") and (cand["tp"], cand["pp"]) == (c["tp"], c["pp"]) else ""
-        print(f"{cand['tp']:>4} {cand['pp']:>4} {cand['dp']:>5} | {cand['gb_states']:>13.1f} "
-              f"{cand['gb_activations']:>11.2f} {cand['gb']:>8.1f} | {'yes' if cand['fits'] else 'no':<3}{mark}")
-    print(f"\nrecommended: {c['strategy']}: TP {c['tp']}, PP {c['pp']}, DP {c['dp']}, {c['gb']:.1f} GB per GPU")
+def print_plan(rows: list[dict], shape: Shape, gpu: str, gpus: int, top: int) -> None:
+    print(f"Φ = {shape.params:.3g} ({shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads, seq {shape.seq})"
+          f" on {gpus} × {gpu.upper()} ({GPUS[gpu]['tflops']} TFLOP/s bf16, η = {EFFICIENCY} of peak); "
+          f"{len(rows)} layouts fit, the fastest {min(top, len(rows))}:")
+    print(f"{'TP':>3} {'PP':>3} {'DP':>5} {'m':>5} | {'GB/GPU':>6} | {'step s':>7} {'TFLOP/s':>7} {'MFU':>5} | "
+          f"time split: compute / TP / PP sends / bubble / exposed DP (s)")
+    for r in rows[:top]:
+        print(f"{r['tp']:>3} {r['pp']:>3} {r['dp']:>5} {r['microbatches']:>5} | {r['memory_gb_per_gpu']:>6.1f} | "
+              f"{r['step_time_s']:>7.2f} {r['tflops_per_gpu']:>7.0f} {r['mfu']:>5.1%} | {r['compute_s']:.2f} / "
+              f"{r['tp_s']:.2f} / {r['pp_s']:.2f} / {r['bubble_s']:.2f} / {r['dp_exposed_s']:.2f}")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add = parser.add_argument
+    add("--dp", type=int, help="data-parallel degree (training: default 1; --plan: pins it)")
+    add("--pp", type=int, help="pipeline stages (training: default 1; --plan: pins it)")
+    add("--tp", type=int, help="tensor-parallel degree (training: default 1; --plan: pins it, at most --gpus-per-node)")
+    add("--steps", type=int, default=5, help="training steps")
+    add("--batch-size", type=int, default=8, help="sequences per DP replica per step")
+    add("--microbatches", type=int, default=2, help="micro-batches per step (at least --pp)")
+    add("--n-layer", type=int, default=2, help="TinyGPT layers (at least --pp)")
+    add("--n-head", type=int, default=4, help="TinyGPT heads (divisible by --tp)")
+    add("--d-model", type=int, default=32, help="TinyGPT width (divisible by --n-head)")
+    add("--seq-len", type=int, default=16, help="tokens per training sequence")
+    add("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
+    add("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present, else cpu")
+    add("--plan", action="store_true", help="rank the layouts of --params on --gpus by predicted step time")
+    add("--params", type=float, default=70e9, help="--plan: the model's parameters Φ")
+    add("--gpus", type=int, default=64, help="--plan: GPUs in the cluster")
+    add("--gpus-per-node", type=int, default=8, help="--plan: GPUs per node (NVLink domain; TP stays inside)")
+    add("--gpu", choices=sorted(GPUS), default="a100", help="--plan: the GPU, from the table in the file")
+    add("--gpu-mem", type=float, help="--plan: GB per GPU (default: the GPU's HBM)")
+    add("--layers", type=int, help="--plan: layers (default: from Φ ≈ 12·L·h², h ≈ 128·L)")
+    add("--hidden", type=int, help="--plan: hidden size (default: from Φ and the layers)")
+    add("--heads", type=int, help="--plan: attention heads (default: hidden / 128)")
+    add("--seq", type=int, default=2048, help="--plan: sequence length")
+    add("--batch", type=int, default=1536, help="--plan: global batch in sequences")
+    add("--recompute", choices=RECOMPUTE, default="selective", help="--plan: activation recomputation")
+    add("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0,
+        help="--plan: ZeRO stage over DP for the states (0 means none, 16 bytes per parameter)")
+    add("--top", type=int, default=5, help="--plan: layouts to print")
+    add("--json", help="--plan: write the best layout's prediction to this file")
+    return parser
+
+
+POSITIVE = ("dp", "pp", "tp", "steps", "batch_size", "microbatches", "n_layer", "n_head", "d_model", "seq_len",
+            "params", "gpus", "gpus_per_node", "gpu_mem", "layers", "hidden", "heads", "seq", "batch", "top")
+
+
+def validate(parser: argparse.ArgumentParser, args) -> None:
+    """Every check, before any work, whatever the mode: one line naming the flag and the fix."""
+    if args.data and not Path(args.data).exists():
+        parser.error(f"--data {args.data}: no such file or folder")
+    for name in POSITIVE:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} {value:g} must be positive")
+    if not args.plan:
+        cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, seq_len=args.seq_len)
+        error = layout_error(int(os.environ.get("WORLD_SIZE", 1)), args.dp or 1, args.pp or 1, args.tp or 1, cfg,
+                             args.batch_size, args.microbatches)
+        return parser.error(error) if error else None
+    shape = gpt_shape(args.params, args.layers, args.hidden, args.heads, args.seq)
+    if args.gpus > args.gpus_per_node and args.gpus % args.gpus_per_node:
+        parser.error(f"--gpus {args.gpus} is not a whole number of nodes of --gpus-per-node {args.gpus_per_node}")
+    if shape.hidden % shape.heads:
+        parser.error(f"--hidden {shape.hidden} is not divisible by --heads {shape.heads}")
+    if args.tp and args.tp > args.gpus_per_node:
+        parser.error(f"--tp {args.tp} would cross nodes of --gpus-per-node {args.gpus_per_node}: TP stays in a node")
+    if args.tp and shape.heads % args.tp:
+        parser.error(f"--hidden {shape.hidden} with --heads {shape.heads} cannot be split by --tp {args.tp}")
+    if args.pp and shape.layers % args.pp:
+        parser.error(f"--pp {args.pp} does not divide --layers {shape.layers}")
+
+
+def run_plan(parser: argparse.ArgumentParser, args) -> list[dict]:
+    shape = gpt_shape(args.params, args.layers, args.hidden, args.heads, args.seq)
+    try:
+        rows = plan(shape, args.gpus, args.gpu, args.batch, args.gpus_per_node, args.gpu_mem, args.zero_stage,
+                    args.recompute, args.tp, args.pp)
+    except ValueError as e:
+        parser.error(str(e))
+    rows = [r for r in rows if args.dp in (None, r["dp"])] or parser.error(f"--dp {args.dp}: no layout fits with it")
+    print_plan(rows, shape, args.gpu, args.gpus, args.top)
+    if args.json:
+        keys = ("tp", "pp", "dp", "tflops_per_gpu", "mfu", "step_time_s", "memory_gb_per_gpu")
+        Path(args.json).write_text(json.dumps({k: rows[0][k] for k in keys}, indent=1))
+    return rows
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per DP replica per step")
-    p.add_argument("--microbatches", type=int, default=2)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=16)
-    p.add_argument("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--plan", action="store_true", help="recommend degrees for --params on --gpus")
-    p.add_argument("--params", type=float, default=70e9)
-    p.add_argument("--gpus", type=int, default=64)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU")
-    p.add_argument("--layers", type=int, default=None, help="the planned model's layers (default: guessed from Φ)")
-    args = p.parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
     if args.plan:
-        try:
-            result = plan(args.params, args.gpus, args.gpus_per_node, args.gpu_mem, layers=args.layers)
-        except ValueError as e:
-            p.error(str(e))
-        print_plan(result, args.gpus, args.gpus_per_node, args.gpu_mem)
-        return result
-    world = int(os.environ.get("WORLD_SIZE", 1))  # checked on every rank before any communication
-    if args.dp * args.pp * args.tp != world:
-        p.error(f"--dp {args.dp} × --pp {args.pp} × --tp {args.tp} = {args.dp * args.pp * args.tp}, but the world "
-                f"size is {world}: the degrees must multiply to it")
-    if args.n_head % args.tp or args.d_model % args.tp:
-        p.error(f"--n-head {args.n_head} and --d-model {args.d_model} must be divisible by --tp {args.tp}")
-    if args.pp > args.n_layer:
-        p.error(f"--pp {args.pp} stages but only --n-layer {args.n_layer}: use --n-layer {args.pp} or more")
-    if args.batch_size % args.microbatches:
-        p.error(f"--batch-size {args.batch_size} is not divisible by --microbatches {args.microbatches}")
-    try:
-        data = load_text(args.data)
-    except ValueError as e:
-        p.error(str(e))
-    cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, seq_len=args.seq_len,
-                    tie_weights=False)
+        return run_plan(parser, args)
+    data = load_text(args.data)
+    cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, seq_len=args.seq_len)
+    dp, pp, tp = args.dp or 1, args.pp or 1, args.tp or 1
     rank, n, device = setup_distributed(args.device)
     try:
-        r = train(args.dp, args.pp, args.tp, args.steps, cfg, args.batch_size, args.microbatches, data=data,
-                  device=device, log_every=1)
+        r = train(dp, pp, tp, args.steps, cfg, args.batch_size, args.microbatches, data=data, device=device, log_every=1)
         per_rank = [None] * n
         dist.all_gather_object(per_rank, {k: v for k, v in r.items() if k != "params"})
         if rank == 0:
-            print_report(per_rank)
+            print_report(per_rank, args.microbatches, tp)
         return r
     finally:
         cleanup()
