@@ -60,15 +60,19 @@ class Router(nn.Module):
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Switch Transformer: E · Σ_e f_e · P_e, f_e = share of the k·T assignments sent to e, P_e = mean prob of e."""
+    # BEGIN SOLUTION
     f = torch.bincount(experts.flatten(), minlength=n_experts).to(probs.dtype) / experts.numel()
     return n_experts * (f * probs.mean(dim=0)).sum()
+    # END SOLUTION
 
 
 def within_capacity(experts: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
     """(T, k) bool: which assignments fit their expert's `capacity` slots, first come first served in token order."""
+    # BEGIN SOLUTION
     one_hot = F.one_hot(experts.flatten(), n_experts)  # (T·k, E)
     position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # the slot each assignment would take
     return (position < capacity).view_as(experts)
+    # END SOLUTION
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
@@ -123,9 +127,11 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # BEGIN SOLUTION
         out = grad.new_empty(sum(ctx.send_splits), *grad.shape[1:])
         dist.all_to_all_single(out, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
         return out, None, None, None
+        # END SOLUTION
 
 
 def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group=None) -> torch.Tensor:
@@ -217,6 +223,7 @@ def sync_gradients(model: TinyGPT, replica_group, world_size: int) -> None:
     """Average gradients over data parallelism. Shared parameters saw every rank's tokens only through their own
     rank: all-reduce over all ranks. An expert already summed the gradients of its whole EP group's tokens in the
     backward all-to-all: all-reduce over its replicas only. Both divide by the world size, the global batch."""
+    # BEGIN SOLUTION
     expert_ids = {id(p) for b in model.blocks if isinstance(b.mlp, ExpertParallelMoE) for p in b.mlp.experts.parameters()}
     params = [p for p in model.parameters() if p.grad is not None]
     for group, chosen in ((None, [p for p in params if id(p) not in expert_ids]),
@@ -229,6 +236,7 @@ def sync_gradients(model: TinyGPT, replica_group, world_size: int) -> None:
         flat /= world_size
         for p, g in zip(chosen, flat.split([p.numel() for p in chosen])):
             p.grad.copy_(g.view_as(p))
+    # END SOLUTION
 
 
 # --- demo --------------------------------------------------------------

@@ -41,6 +41,8 @@ def test_load_balancing_loss_by_hand():
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2]])
     everything_to_0 = torch.zeros(2, 1, dtype=torch.long)  # f = (1, 0), P = (0.85, 0.15): 2 · 0.85
     assert ep.load_balancing_loss(probs, everything_to_0, 2).item() == pytest.approx(1.7)
+    both = torch.tensor([[0, 1], [0, 1]])  # top-2 of 2: f = (1/2, 1/2) of the k·T = 4 assignments, whatever P is
+    assert ep.load_balancing_loss(probs, both, 2).item() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("gating", ["softmax", "sigmoid"])
