@@ -1,4 +1,4 @@
-"""Data parallelism and ZeRO stages 1, 2 and 3, written from torch.distributed collectives.
+"""Data parallelism and ZeRO stages 1, 2 and 3, built one step at a time from torch.distributed collectives.
 
 Data parallelism gives every rank the whole model and a slice of the batch. With mixed-precision Adam each
 parameter costs 2 bytes (bf16/fp16 weights) + 2 (gradients) + 12 (fp32 master copy, m and v) = 16 bytes, on every
@@ -10,19 +10,16 @@ rank. ZeRO (Rajbhandari et al. 2020) removes that redundancy one piece at a time
     2            + gradients             2Φ + 14Φ/N           2Φ   the same, reduce-scattered during backward
     3            + parameters            16Φ/N                3Φ   all-gather for forward and again for backward
 
-The script trains a tiny GPT with any stage and prints each rank's memory and traffic, measured, beside this table.
-
 Run:   torchrun --nproc_per_node=4 zero.py --stage 2
        torchrun --nproc_per_node=4 zero.py --stage 0,1,2,3 --param-dtype bfloat16 --check
+       torchrun --nproc_per_node=2 benchmarks/zero_bench.py --overlap
        python zero.py --estimate --params 7e9 --world-size 8
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import json
-import math
 import os
 import statistics
 import time
@@ -36,464 +33,464 @@ import torch.nn.functional as F
 
 # --- the technique -----------------------------------------------------
 
-ADAM_BYTES = 12  # K in the ZeRO paper: fp32 master weight + m + v, 4 bytes each
+def broadcast_from_rank0(tensors, group=None) -> None:  # every rank starts from rank 0's values, however seeded
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
 
+def trainable(params) -> list[nn.Parameter]:  # each once: a tied weight is one parameter wherever it is used
+    return list({id(p): p for p in params if p.requires_grad}.values())
 
-def estimate_memory(num_params: float, world_size: int, stage: int, offload: bool | str = False,
-                    param_bytes: int = 2) -> dict:
-    """Bytes per rank by the ZeRO paper's accounting (2Φ params, 2Φ grads, 12Φ optimizer in mixed precision).
+def grads_or_zeros(params) -> list[torch.Tensor]:
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
-    offload=True or "cpu" is ZeRO-Offload: optimizer states and their step live in CPU memory. offload="nvme" is
-    ZeRO-Infinity: optimizer states, and with stage 3 the parameter shards too, live on NVMe. The keys params,
-    grads, optimizer and total are accelerator memory; cpu and nvme say what moved there.
-    """
-    phi, n = float(num_params), world_size
-    shard = {"params": stage >= 3, "grads": stage >= 2, "optimizer": stage >= 1}
-    out = {}
-    for key, k in (("params", param_bytes), ("grads", param_bytes), ("optimizer", ADAM_BYTES)):
-        out[key] = k * phi / n if shard[key] else k * phi
-    out["cpu"] = out["nvme"] = 0.0
-    where = {True: "cpu", "cpu": "cpu", "nvme": "nvme"}.get(offload)
-    if where:
-        out[where], out["optimizer"] = out["optimizer"], 0.0
-        if where == "nvme" and stage >= 3:
-            out["nvme"], out["params"] = out["nvme"] + out["params"], 0.0
-    out["total"] = out["params"] + out["grads"] + out["optimizer"]
-    return out
-
-
-def ring_bytes(collective: str, nbytes: int, n: int) -> int:
-    """Bytes one rank sends in a bandwidth-optimal (ring) implementation of a collective on a buffer of nbytes
-    (the full buffer: all-reduce's tensor, reduce-scatter's input, all-gather's output). collectives.py measures
-    these figures on a ring built from send/recv; here we count each call we make at that price."""
-    return (2 if collective == "all_reduce" else 1) * (n - 1) * nbytes // n
-
-
-class Unit:
-    """A group of parameters that is flattened, padded to a multiple of N and sharded together: one transformer
-    block, or the root (everything outside the blocks). Rank r owns elements [r·S, (r+1)·S) of the flat vector."""
-
-    def __init__(self, name: str, params: list[nn.Parameter], n_shards: int):
-        self.name, self.params = name, params
+class FlatBucket:
+    """Parameters flattened into one vector, zero-padded to N·S elements; rank r owns elements [r·S, (r+1)·S)."""
+    def __init__(self, params: list[nn.Parameter], n_shards: int = 1, group_index: int = 0):
+        self.params, self.n, self.group_index = params, n_shards, group_index
         self.numel = sum(p.numel() for p in params)
-        self.shard_numel = math.ceil(self.numel / n_shards)  # S
-        self.padded_numel = self.shard_numel * n_shards
-        self.ready = 0  # gradients accumulated in this backward (stage 2, 3)
-        self.full = None  # stage 3: the gathered flat parameters, storage freed when not in use
-        self.shard = None  # stage 3: this rank's slice of the parameters, in the compute dtype
+        self.shard_numel = -(-self.numel // n_shards)  # S = ceil(numel / N)
 
-    def flatten(self, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        flat = torch.zeros(self.padded_numel, dtype=dtype, device=tensors[0].device)
-        flat[: self.numel] = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+    def flatten(self, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:  # (N·S,)
+        flat = torch.zeros(self.n * self.shard_numel, dtype=dtype, device=tensors[0].device)
+        flat[: self.numel] = torch.cat([t.reshape(-1) for t in tensors])
         return flat
 
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [t.view_as(p) for t, p in zip(flat[: self.numel].split([p.numel() for p in self.params]), self.params)]
 
+def make_buckets(params: list[nn.Parameter], bucket_mb: float, n_shards: int = 1, group_index: int = 0):
+    """Buckets of ~bucket_mb MiB, in reverse registration order (about backward's); 0: one parameter each, inf: one."""
+    groups, size = [], 0
+    for p in reversed(params):
+        if not groups or size + p.nbytes > bucket_mb * 2 ** 20:
+            groups, size = groups + [[]], 0
+        groups[-1].append(p)
+        size += p.nbytes
+    return [FlatBucket(g, n_shards, group_index) for g in groups]
 
-def find_units(model: nn.Module, n_shards: int) -> list[Unit]:
-    """The elements of every nn.ModuleList (the transformer blocks) are units; the remaining parameters form the
-    root unit, first. Parameters that do not require grad are left alone; tied parameters count once."""
-    seen, units = set(), []
+class BucketedReduction:
+    """What stages 0, 2 and 3 share: hooks count each bucket's gradients as backward produces them; a complete bucket's
+    collective is launched (async) while backward goes on, in bucket order: the same order on every rank, as NCCL needs."""
+    def _hook_buckets(self, overlap: bool = True) -> None:
+        self._ready, self._next, self._in_flight = [0] * len(self.buckets), 0, []
+        for i, bucket in enumerate(self.buckets if overlap else []):
+            for p in bucket.params:
+                p.register_post_accumulate_grad_hook(lambda p, i=i: self._grad_ready(i))
 
-    def take(params):
-        out = [p for p in params if p.requires_grad and id(p) not in seen]
-        seen.update(id(p) for p in out)
-        return out
+    def _grad_ready(self, i: int) -> None:
+        self._ready[i] += 1
+        while self._next < len(self.buckets) and self._ready[self._next] == len(self.buckets[self._next].params):
+            self._in_flight.append(self._launch(self._next))
+            self._next += 1
 
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-    in_lists = {id(p) for _, ml in lists for p in ml.parameters()}
-    root = take(p for p in model.parameters() if id(p) not in in_lists)
-    units.append(Unit("root", root, n_shards))
-    for name, ml in lists:
-        for i, block in enumerate(ml):
-            params = take(block.parameters())
-            if params:
-                u = Unit(f"{name}.{i}", params, n_shards)
-                u.module = block
-                units.append(u)
-    return units
+    def finish_gradient_synchronization(self) -> None:
+        """Launch what backward did not (no overlap, or parameters without a gradient) and wait for everything."""
+        self._in_flight += [self._launch(i) for i in range(self._next, len(self.buckets))]
+        for work, land in self._in_flight:
+            work.wait()
+            land()
+        self._ready, self._next, self._in_flight = [0] * len(self.buckets), 0, []
 
+class DataParallel(BucketedReduction, nn.Module):
+    """Stage 0: every rank holds the whole model; gradients are averaged by all-reduce, bucket by bucket, during backward
+    (overlap=False: after it, the baseline). Then finish_gradient_synchronization(), and any torch.optim optimizer."""
+    def __init__(self, module: nn.Module, bucket_mb: float = 25, overlap: bool = True, group=None):
+        super().__init__()
+        self.module, self.group, self.world_size = module, group, dist.get_world_size(group)
+        broadcast_from_rank0(list(module.parameters()) + list(module.buffers()), group)
+        self.buckets = make_buckets(trainable(module.parameters()), bucket_mb)
+        self._hook_buckets(overlap)
 
-class ZeroOptimizer:
-    """Wraps any torch.optim optimizer in ZeRO stage 0 (plain data parallel), 1, 2 or 3.
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
-    The training loop is unchanged: loss.backward(); opt.step(); opt.zero_grad(). With param_dtype (bfloat16 or
-    float16) the model computes in that dtype and the optimizer keeps fp32 master weights. With float16, use
-    opt.scale(loss).backward(): a dynamic loss scale whose overflow check is agreed by all ranks.
-    """
+    def _launch(self, i: int):
+        bucket = self.buckets[i]
+        flat = bucket.flatten(grads_or_zeros(bucket.params), bucket.params[0].dtype) / self.world_size  # sum -> mean
 
-    def __init__(self, model: nn.Module, stage: int, optimizer_cls=torch.optim.AdamW, param_dtype=None,
-                 group=None, **optimizer_kwargs):
-        if stage not in (0, 1, 2, 3):
-            raise ValueError(f"stage {stage} does not exist: ZeRO has stages 0 (DDP), 1, 2 and 3")
-        self.model, self.stage, self.group = model, stage, group
-        self.n, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.param_dtype = param_dtype or next(model.parameters()).dtype
-        num_params = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-        if self.n > num_params:
-            raise ValueError(f"world size {self.n} exceeds the {num_params} trainable parameters: use fewer ranks")
-        with torch.no_grad():  # ranks seeded differently still start from rank 0's weights
-            for t in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(t, src=dist.get_global_rank(group, 0) if group else 0, group=group)
-        self.units = find_units(model, 1 if stage == 0 else self.n)
-        self.num_params = sum(u.numel for u in self.units)  # Φ
+        def land():
+            for p, g in zip(bucket.params, bucket.unflatten(flat)):
+                p.grad = g
+        return dist.all_reduce(flat, group=self.group, async_op=True), land
 
-        # The optimizer sees one flat fp32 tensor: this rank's shard of every unit, concatenated (all of it at stage 0).
-        mine = [u.flatten([p.detach() for p in u.params], torch.float32).view(-1, u.shard_numel)[self._index]
-                for u in self.units]
-        self.master = nn.Parameter(torch.cat(mine))
-        self.master_slices = [s for s in self.master.detach().split([u.shard_numel for u in self.units])]
-        self.optimizer = optimizer_cls([self.master], **optimizer_kwargs)
-        self.grad_shard = None  # stage 2 and 3: the reduce-scattered gradient of our shard, param dtype
-        model.to(self.param_dtype)
+class ShardedOptimizer(torch.optim.Optimizer):
+    """Stage 1: any element-wise torch.optim optimizer (AdamW, SGD, ...) steps only this rank's 1/N of every bucket, on
+    fp32 masters, read from the averaged p.grad; every rank all-gathers the updated slices. Param groups are kept.
+    offload="cpu" is ZeRO-Offload: the masters, the optimizer states and the step live on the CPU."""
+    def __init__(self, params, optimizer_cls: type, process_group=None, bucket_mb: float = 25,
+                 offload: str | None = None, **kwargs):
+        super().__init__(params, kwargs)
+        self.group, self._loaded = process_group, False
+        self.n, self.rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        broadcast_from_rank0([p for g in self.param_groups for p in g["params"]], process_group)
+        self.buckets = [b for gi, g in enumerate(self.param_groups)
+                        for b in make_buckets(trainable(g["params"]), bucket_mb, self.n, gi)]
+        mine = [b.flatten([p.detach() for p in b.params], torch.float32).view(self.n, -1)[self.rank] for b in self.buckets]
+        self.masters = [nn.Parameter(m.to("cpu" if offload == "cpu" else m.device, copy=True)) for m in mine]  # fp32 (S,)
+        self.optimizer = optimizer_cls([{**{k: v for k, v in g.items() if k != "params"},
+                                         "params": [m for m, b in zip(self.masters, self.buckets) if b.group_index == gi]}
+                                        for gi, g in enumerate(self.param_groups)], **kwargs)
 
-        self.traffic, self._last_traffic = collections.Counter(), {}
-        self.gathered_numel = self.peak_gathered_numel = 0
-        self.loss_scale = 2.0 ** 16 if self.param_dtype == torch.float16 else 1.0
-        self.good_steps, self.skipped_steps = 0, 0
-        if stage >= 2:
-            for u in self.units:
-                for p in u.params:
-                    p.register_post_accumulate_grad_hook(lambda p, u=u: self._grad_ready(u))
-        if stage == 3:
-            self._shard_parameters()
+    def _gradient_shard(self, i: int) -> torch.Tensor:
+        """This rank's slice of bucket i's averaged gradient, cut from the full gradients in p.grad."""
+        b = self.buckets[i]
+        return b.flatten(grads_or_zeros(b.params), b.params[0].dtype).view(self.n, -1)[self.rank]  # (S,)
 
-    @property
-    def _index(self) -> int:
-        return 0 if self.stage == 0 else self.rank
+    @torch.no_grad()
+    def load_gradients(self) -> None:
+        """Put this rank's gradient slices, in fp32, on the masters (on the CPU under offload). Idempotent."""
+        for i, m in enumerate(self.masters if not self._loaded else []):
+            m.grad = self._gradient_shard(i).to(m.device, torch.float32)
+        self._loaded = True
 
-    # collectives, each counted at the bytes a ring implementation sends
-    def _count(self, name: str, t: torch.Tensor) -> None:
-        self.traffic[name] += ring_bytes(name, t.numel() * t.element_size(), self.n)
+    @torch.no_grad()
+    def step(self, closure=None):  # closure: torch.optim's signature, unused
+        self.load_gradients()
+        for outer, inner in zip(self.param_groups, self.optimizer.param_groups):  # a scheduler sets the outer ones
+            inner.update({k: v for k, v in outer.items() if k != "params"})
+        self.optimizer.step()
+        for b, m in zip(self.buckets, self.masters):
+            full = shard = m.detach().to(b.params[0].device, b.params[0].dtype)
+            if self.n > 1:  # every rank receives every rank's updated slice
+                full = torch.empty(self.n * shard.numel(), dtype=shard.dtype, device=shard.device)
+                dist.all_gather_single(full, shard, group=self.group)
+            for p, new in zip(b.params, b.unflatten(full)):
+                p.copy_(new)
+        self.zero_grad()
 
-    def _all_reduce(self, t):
-        self._count("all_reduce", t)
-        dist.all_reduce(t, group=self.group)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self.optimizer.zero_grad()  # the masters' gradient slices
+        self._loaded = False
 
-    def _reduce_scatter(self, full):
-        self._count("reduce_scatter", full)
-        out = torch.empty(full.numel() // self.n, dtype=full.dtype, device=full.device)
-        dist.reduce_scatter_single(out, full, group=self.group)
-        return out
+class ShardedGradientOptimizer(BucketedReduction, ShardedOptimizer):
+    """Stage 2 = stage 1 with one change: a bucket complete in backward is reduce-scattered, not all-reduced, so a rank
+    keeps only its slice (2Φ/N). Use it on the bare model; call finish_gradient_synchronization() after backward."""
+    def __init__(self, *args, **kwargs):  # ShardedOptimizer's arguments
+        super().__init__(*args, **kwargs)
+        self.grad_shards = [None] * len(self.buckets)
+        self._hook_buckets()
 
-    def _all_gather(self, shard, out=None, count=True):
-        out = torch.empty(shard.numel() * self.n, dtype=shard.dtype, device=shard.device) if out is None else out
-        if count:
-            self._count("all_gather", out)
-        dist.all_gather_single(out, shard, group=self.group)
-        return out
+    def _launch(self, i: int):
+        b = self.buckets[i]
+        flat = b.flatten(grads_or_zeros(b.params), b.params[0].dtype) / self.n  # (N·S,): the mean after the sum
+        for p in b.params:
+            p.grad = None  # the full gradient is on its way: this rank keeps only its slice
+        self.grad_shards[i] = torch.empty(b.shard_numel, dtype=flat.dtype, device=flat.device)
+        # land keeps flat alive until the collective has read it
+        return dist.reduce_scatter_single(self.grad_shards[i], flat, group=self.group, async_op=True), lambda: flat
 
-    # stage 2 and 3: reduce-scatter a unit's gradients as soon as the last of them is ready
-    def _grad_ready(self, unit: Unit) -> None:
-        unit.ready += 1
-        if unit.ready == len(unit.params):
-            self._reduce_unit(unit)
+    def _gradient_shard(self, i: int) -> torch.Tensor:
+        return self.grad_shards[i]
 
-    def _reduce_unit(self, unit: Unit) -> None:
-        """Flatten one unit's full gradients (the one bucket a rank holds), reduce-scatter, keep our shard, free."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in unit.params]
-        shard = self._reduce_scatter(unit.flatten(grads, self.param_dtype))
-        for p in unit.params:
+class ShardedUnit:
+    """One unit's trainable parameters. Parameter i is padded to N·S_i elements; rank r keeps [r·S_i, (r+1)·S_i) in fp32
+    as p.data between uses. The gathered copy is one flat buffer whose storage is freed (resized to 0) between uses."""
+    def __init__(self, module: nn.Module, params: list[nn.Parameter], n: int, rank: int, dtype: torch.dtype):
+        self.module, self.params, self.n = module, params, n
+        self.sizes = [-(-p.numel() // n) for p in params]  # S_i
+        self.full = torch.empty(n * sum(self.sizes), dtype=dtype, device=params[0].device)
+        self.views = [blk[: p.numel()].view(p.shape) for blk, p in zip(self.full.split([n * s for s in self.sizes]), params)]
+        self.shards = [FlatBucket([p], n).flatten([p.detach()], torch.float32).view(n, -1)[rank].clone()
+                       for p in params]  # (S_i,) fp32 each
+        self.gathered = True  # the parameters still hold their full tensors: free() leaves them the shards
+        self.free()
+
+    def all_gather(self, dtype: torch.dtype, group) -> list[torch.Tensor]:
+        """Every rank's shards of this unit in one collective: [(N, S_i) per parameter]."""
+        mine = torch.cat([s.to(dtype) for s in self.shards])  # (T,), T = Σ S_i
+        out = torch.empty(self.n * mine.numel(), dtype=dtype, device=mine.device)
+        dist.all_gather_single(out, mine, group=group)
+        return list(out.view(self.n, -1).split(self.sizes, dim=1))
+
+    def gather(self, group) -> None:
+        if not self.gathered:
+            self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
+            for blk, rows in zip(self.full.split([self.n * s for s in self.sizes]), self.all_gather(self.full.dtype, group)):
+                blk.view(self.n, -1).copy_(rows)  # parameter i's padded block, (N, S_i)
+            for p, v in zip(self.params, self.views):
+                p.data = v
+            self.gathered = True
+
+    def free(self) -> None:
+        if self.gathered:
+            for p, s in zip(self.params, self.shards):
+                p.data = s  # reading p between uses gives the shard, never freed memory
+            self.full.untyped_storage().resize_(0)
+            self.gathered = False
+
+    def reduce_scatter(self, group):
+        """Average the unit's full gradients over ranks, this rank receiving its shards. Returns (work, land)."""
+        cols = torch.cat([FlatBucket([p], self.n).flatten([g], g.dtype).view(self.n, -1)
+                          for p, g in zip(self.params, grads_or_zeros(self.params))], dim=1)  # (N, T)
+        for p in self.params:
             p.grad = None
-        if self.grad_shard is None:
-            self.grad_shard = torch.zeros(self.master.numel(), dtype=self.param_dtype, device=self.master.device)
-        self.grad_shard[self._offset(unit): self._offset(unit) + unit.shard_numel] += shard
-        unit.ready = 0
-        if self.stage == 3:
-            self._free(unit)
+        self.free()
+        out = torch.empty(cols.shape[1], dtype=cols.dtype, device=cols.device)
 
-    def _offset(self, unit: Unit) -> int:
-        return sum(u.shard_numel for u in self.units[: self.units.index(unit)])
+        def land():
+            for p, g in zip(self.params, out.split(self.sizes)):
+                p.grad = g.float()  # fp32, the shard's shape: what the optimizer steps
+        return dist.reduce_scatter_single(out, cols.view(-1).div_(self.n), group=group, async_op=True), land
 
-    # stage 3: parameters live as shards; a unit is gathered just before it computes and freed right after
-    def _shard_parameters(self) -> None:
-        for u, master in zip(self.units, self.master_slices):
-            u.shard = master.to(self.param_dtype)
-            u.full = torch.zeros(u.padded_numel, dtype=self.param_dtype, device=self.master.device)
-            for p, view in zip(u.params, u.unflatten(u.full)):
-                p.data = view  # parameters become views of the unit's flat buffer: one storage to free and refill
-            self._free(u)
-            if u.name != "root":
-                u.module.register_forward_pre_hook(lambda m, args, u=u: self._gather(u))
-                u.module.register_forward_hook(lambda m, args, out, u=u: self._after_forward(u, out))
-        root = self.units[0]
-        self.model.register_forward_pre_hook(lambda m, args: self._gather(root))
-        self.model.register_forward_hook(lambda m, args, out: self._after_forward(root, out))
+class FullyShardedDataParallel(BucketedReduction, nn.Module):
+    """Stage 3: between uses each trainable parameter holds only this rank's fp32 shard (p.data is 1-D). A unit (each
+    element of an nn.ModuleList; the root: all the rest) is all-gathered before its forward, freed after it, gathered
+    again when backward reaches it, freed once its gradients are reduce-scattered. After finish_gradient_
+    synchronization() p.grad is the shard's averaged fp32 gradient: any element-wise torch.optim optimizer on
+    module.parameters() steps the shards. compute_dtype: of the gathered parameters, compute and communication."""
+    def __init__(self, module: nn.Module, compute_dtype: torch.dtype | None = None, group=None):
+        super().__init__()
+        self.module, self.group = module, group
+        n, rank, dtype = dist.get_world_size(group), dist.get_rank(group), compute_dtype or torch.float32
+        broadcast_from_rank0(list(module.parameters()) + list(module.buffers()), group)
+        for t in [p for p in module.parameters() if not p.requires_grad] + list(module.buffers()):
+            t.data = t.data.to(dtype) if t.is_floating_point() else t.data
+        lists = [m for sub in module.modules() if isinstance(sub, nn.ModuleList) for m in sub]
+        in_lists = {id(sub) for m in lists for sub in m.modules()}
+        # the root unit: parameters of modules outside the lists (a weight tied to one inside stays here)
+        root = trainable(p for sub in module.modules() if id(sub) not in in_lists for p in sub.parameters(recurse=False))
+        self.root = ShardedUnit(module, root, n, rank, dtype)
+        self.units, taken = [self.root], {id(p) for p in root}
+        for m in lists:
+            params = [p for p in trainable(m.parameters()) if id(p) not in taken]
+            taken.update(id(p) for p in params)
+            if params:
+                self.units.append(u := ShardedUnit(m, params, n, rank, dtype))
+                m.register_forward_pre_hook(lambda mod, args, u=u: u.gather(self.group))
+                m.register_forward_hook(lambda mod, args, out, u=u: self._after_forward(u, out))
+        self.buckets = self.units[::-1]  # backward's order: the last block first, the root last
+        self._hook_buckets()  # a unit is complete when all its gradients are: reduce-scatter it and free it
 
-    def _gather(self, u: Unit) -> None:
-        if u.full.untyped_storage().size() == 0:
-            u.full.untyped_storage().resize_(u.padded_numel * u.full.element_size())
-            self._all_gather(u.shard, out=u.full)
-            self.gathered_numel += u.padded_numel
-            self.peak_gathered_numel = max(self.peak_gathered_numel, self.gathered_numel)
+    def forward(self, *args, **kwargs):  # the wrapped module must own parameters outside its lists: the root unit
+        self.root.gather(self.group)  # the root stays gathered through the forward, one block beside it
+        return self._after_forward(self.root, self.module(*args, **kwargs))
 
-    def _free(self, u: Unit) -> None:
-        if u.full.untyped_storage().size() > 0:
-            u.full.untyped_storage().resize_(0)
-            self.gathered_numel = max(0, self.gathered_numel - u.padded_numel)
-
-    def _after_forward(self, u: Unit, out) -> None:
-        """Free the unit; if backward will come, gather it again when the gradient reaches its output."""
-        self._free(u)
-        outputs = out if isinstance(out, (tuple, list)) else [out]
-        for t in outputs:
+    def _after_forward(self, unit: ShardedUnit, out):  # free it; gather it again when backward reaches its output
+        unit.free()
+        for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                t.register_hook(lambda grad, u=u: self._gather(u))
+                t.register_hook(lambda grad, u=unit: u.gather(self.group))
+        return out
 
-    # the optimizer step
+    def _launch(self, i: int):
+        return self.buckets[i].reduce_scatter(self.group)
+
+    @torch.no_grad()
+    def gather_full_params(self) -> dict[str, torch.Tensor]:
+        """{name: the full fp32 parameter} for every parameter of the module. Collective: call it on every rank."""
+        full = {}
+        for u in self.units:
+            for p, view, rows in zip(u.params, u.views, u.all_gather(torch.float32, self.group)):
+                full[id(p)] = rows.reshape(-1)[: view.numel()].view(view.shape)  # (N, S_i) -> the parameter
+        return {k: full.get(id(p), p.detach().float()).clone() for k, p in self.module.named_parameters()}
+
+class DynamicLossScaler:
+    """fp16's dynamic loss scale, explicit: scaler.scale(loss).backward(); finish...(); scaler.step(opt) unscales, and
+    skips the step on every rank (halving the scale) if any rank saw inf/NaN. Nothing is scaled behind your back."""
+    def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 2000, group=None):
+        self.loss_scale, self.growth_interval, self.group = init_scale, growth_interval, group
+        self.good_steps = self.skipped_steps = 0
+
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.loss_scale
 
     @torch.no_grad()
-    def step(self) -> None:
-        if self.stage in (0, 1):
-            for u in self.units:
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in u.params]
-                flat = u.flatten(grads, self.param_dtype)
-                if self.stage == 0:
-                    self._all_reduce(flat)
-                    shard = flat
-                else:
-                    shard = self._reduce_scatter(flat)
-                if self.grad_shard is None:
-                    self.grad_shard = torch.zeros(self.master.numel(), dtype=self.param_dtype,
-                                                  device=self.master.device)
-                self.grad_shard[self._offset(u): self._offset(u) + u.shard_numel] = shard
-        else:
-            for u in self.units:  # a unit whose last gradient never came (unused parameters): reduce it now
-                if u.ready:
-                    self._reduce_unit(u)
-        grad = self.grad_shard.float() / (self.n * self.loss_scale)  # summed over ranks -> mean
-        if self.param_dtype == torch.float16:  # skip the step on overflow; every rank must agree
-            overflow = torch.tensor([float(not torch.isfinite(grad).all())], device=grad.device)
-            dist.all_reduce(overflow, op=dist.ReduceOp.MAX, group=self.group)  # one flag: not counted as traffic
-            if overflow.item():
-                self.loss_scale /= 2
-                self.skipped_steps += 1
-                self._finish_step()
-                return
-            self.good_steps += 1
-            if self.good_steps % 2000 == 0:
-                self.loss_scale *= 2
-        self.master.grad = grad
-        self.optimizer.step()
-        self.master.grad = None
-        for u, master in zip(self.units, self.master_slices):
-            if self.stage == 3:
-                u.shard.copy_(master)  # gathered lazily at the next forward
-            else:
-                full = master.to(self.param_dtype) if self.stage == 0 else self._all_gather(master.to(self.param_dtype))
-                for p, new in zip(u.params, u.unflatten(full)):
-                    p.copy_(new)
-        self._finish_step()
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        if isinstance(optimizer, ShardedOptimizer):
+            optimizer.load_gradients()  # its gradients are the slices on its fp32 masters
+        holder = getattr(optimizer, "optimizer", optimizer)
+        grads = [p.grad.div_(self.loss_scale) for g in holder.param_groups for p in g["params"] if p.grad is not None]
+        device = optimizer.param_groups[0]["params"][0].device  # the model's: masters may be on the CPU
+        overflow = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float().to(device)
+        dist.all_reduce(overflow, op=dist.ReduceOp.MAX, group=self.group)  # sharded ranks see different gradients
+        if overflow.item():
+            self.loss_scale, self.skipped_steps = self.loss_scale / 2, self.skipped_steps + 1
+            optimizer.zero_grad()
+            return False
+        optimizer.step()
+        self.good_steps += 1
+        self.loss_scale *= 2 if self.good_steps % self.growth_interval == 0 else 1
+        return True
 
-    def _finish_step(self) -> None:
-        self._last_traffic, self.traffic = dict(self.traffic), collections.Counter()
+ADAM_BYTES = 12  # K in the ZeRO paper: fp32 master weight + m + v, 4 bytes each
 
-    def zero_grad(self) -> None:
-        for p in self.model.parameters():
-            p.grad = None
-        if self.grad_shard is not None and self.stage >= 2:
-            self.grad_shard.zero_()
-        else:
-            self.grad_shard = None
-
-    # what this rank holds and sends
-    def memory_bytes(self) -> dict:
-        """Bytes this rank holds now: model parameters (at rest: gathered stage-3 units are not counted, see
-        peak_gathered_numel), gradients, and optimizer (fp32 master + every state tensor)."""
-        if self.stage == 3:
-            params = sum(u.shard.numel() * u.shard.element_size() for u in self.units)
-        else:
-            params = sum(p.numel() * p.element_size() for u in self.units for p in u.params)
-        if self.stage >= 2:
-            grads = 0 if self.grad_shard is None else self.grad_shard.numel() * self.grad_shard.element_size()
-        else:
-            grads = sum(p.grad.numel() * p.grad.element_size() for u in self.units for p in u.params
-                        if p.grad is not None)
-        state = [t for s in self.optimizer.state.values() for t in s.values()
-                 if isinstance(t, torch.Tensor) and t.numel() > 1]
-        optimizer = self.master.numel() * 4 + sum(t.numel() * t.element_size() for t in state)
-        return {"params": params, "grads": grads, "optimizer": optimizer, "total": params + grads + optimizer}
-
-    def traffic_bytes(self) -> dict:
-        """Bytes this rank sent during the last step (forward, backward and step), per collective."""
-        return dict(self._last_traffic)
-
-    @torch.no_grad()
-    def full_state_dict(self) -> dict:
-        """Every parameter, full and in fp32 (gathered from the master shards), by name. Collective: call on all ranks."""
-        full = {}
-        for u, master in zip(self.units, self.master_slices):
-            flat = master if self.stage == 0 else self._all_gather(master.contiguous(), count=False)
-            for p, t in zip(u.params, u.unflatten(flat)):
-                full[id(p)] = t.clone()
-        return {name: full[id(p)] if id(p) in full else p.detach().float().clone()
-                for name, p in self.model.named_parameters()}
-
+def estimate_memory(num_params: float, world_size: int, stage: int, offload: str | None = None, param_bytes=2) -> dict:
+    """Bytes per rank by the ZeRO papers: 2Φ fp16 parameters, 2Φ gradients, 12Φ optimizer states, each /N from its
+    stage on. offload="cpu" (ZeRO-Offload) moves gradients and optimizer states to CPU memory: the accelerator keeps
+    the fp16 parameters (2Φ; 13B fits one 32 GB V100). "nvme" (ZeRO-Infinity) moves them, and stage 3's parameters, to NVMe."""
+    phi, n = float(num_params), world_size
+    out = {"params": param_bytes * phi / (n if stage >= 3 else 1), "grads": param_bytes * phi / (n if stage >= 2 else 1),
+           "optimizer": ADAM_BYTES * phi / (n if stage >= 1 else 1), "cpu": 0.0, "nvme": 0.0}
+    if offload in ("cpu", "nvme"):
+        out[offload], out["grads"], out["optimizer"] = out["grads"] + out["optimizer"], 0.0, 0.0
+        if offload == "nvme" and stage >= 3:
+            out["nvme"], out["params"] = out["nvme"] + out["params"], 0.0
+    return dict(out, total=out["params"] + out["grads"] + out["optimizer"])
 
 # --- demo --------------------------------------------------------------
+def build(stage: int, model: nn.Module, compute_dtype=None, offload=None, optimizer_cls=torch.optim.AdamW,
+          bucket_mb: float = 25, **optimizer_kwargs) -> tuple:
+    """Wrap model for ZeRO `stage`; return (model, optimizer, finish_gradient_synchronization)."""
+    if stage == 3:
+        model = FullyShardedDataParallel(model, compute_dtype)
+        return model, optimizer_cls(model.parameters(), **optimizer_kwargs), model.finish_gradient_synchronization
+    if stage == 2:
+        opt = ShardedGradientOptimizer(model.parameters(), optimizer_cls, None, bucket_mb, offload, **optimizer_kwargs)
+    else:
+        model = DataParallel(model, bucket_mb)
+        one_rank = dist.new_subgroups(group_size=1)[0] if stage == 0 else None  # stage 0 shards over one rank
+        opt = ShardedOptimizer(model.parameters(), optimizer_cls, one_rank, bucket_mb, offload, **optimizer_kwargs)
+    if compute_dtype is not None:
+        model.to(compute_dtype)  # after the optimizer took its fp32 masters
+    return model, opt, (opt if stage == 2 else model).finish_gradient_synchronization
 
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    if isinstance(model, FullyShardedDataParallel):  # the shards, gathered
+        return model.gather_full_params()
+    return {k: p.detach().float().clone() for k, p in getattr(model, "module", model).named_parameters()}
+
+def held_bytes(model: nn.Module, optimizer) -> dict:
+    """Bytes this rank holds, read from the tensors: parameters, gradients, optimizer (fp32 masters and states)."""
+    params, inner = trainable(model.parameters()), getattr(optimizer, "optimizer", optimizer)
+    masters = [m for g in inner.param_groups for m in g["params"]] if inner is not optimizer else []
+    state = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
+    size = lambda ts: sum(t.nbytes for t in ts if t is not None)
+    out = {"params": size(p.data for p in params), "optimizer": size(masters) + size(state),
+           "grads": size([p.grad for p in params] + list(getattr(optimizer, "grad_shards", [])))}
+    return dict(out, total=sum(out.values()))
+
+RING = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter_single": lambda n: (n - 1) / n,
+        "all_gather_single": lambda n: n - 1}  # what one rank sends, per byte of the tensor CommCounter records
 
 def train(stage: int, steps: int = 20, batch_size: int = 8, cfg: GPTConfig | None = None, lr: float = 3e-3,
-          param_dtype=None, data: torch.Tensor | None = None, device=None, seed: int = 0, log_every: int = 0,
-          check: bool = False) -> dict:
+          compute_dtype=None, data: torch.Tensor | None = None, device=None, seed: int = 0, offload=None,
+          bucket_mb: float = 25, log_every: int = 0, check: bool = False) -> dict:
     """Train TinyGPT with ZeRO `stage` on this process group (batch_size sequences per rank); return the figures."""
-    cfg = cfg or GPTConfig()
-    device = device or torch.device("cpu")
+    cfg, device, data = cfg or GPTConfig(), device or torch.device("cpu"), load_text() if data is None else data
     rank, n = dist.get_rank(), dist.get_world_size()
-    data = load_text() if data is None else data
-    torch.manual_seed(seed + rank)  # deliberately different: the initial broadcast must make them equal
-    model = TinyGPT(cfg).to(device)
-    opt = ZeroOptimizer(model, stage, param_dtype=param_dtype, lr=lr, weight_decay=0.1)
-    init = opt.full_state_dict() if check else None
-    gen = torch.Generator().manual_seed(seed)  # the same on every rank: each takes its slice of one global batch
-    losses, times, memory, traffic = [], [], None, None
+    torch.manual_seed(seed + rank)  # deliberately different: construction must broadcast rank 0's weights
+    model, opt, finish = build(stage, TinyGPT(cfg).to(device), compute_dtype, offload, bucket_mb=bucket_mb, lr=lr,
+                               weight_decay=0.1)
+    if check:  # the reference: one process, the global batch, plain AdamW, from the same start
+        reference = TinyGPT(cfg).to(device)
+        reference.load_state_dict(full_params(model), strict=False)  # a tied weight has one name
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=lr, weight_decay=0.1)
+    gen, losses, times = torch.Generator().manual_seed(seed), [], []  # the same on every rank: one global batch
+    scaler = DynamicLossScaler() if compute_dtype == torch.float16 else None
     for step in range(steps):
-        x, y = get_batch(data, batch_size * n, cfg.seq_len, gen)
-        x, y = x[rank * batch_size:(rank + 1) * batch_size].to(device), y[rank * batch_size:(rank + 1) * batch_size].to(device)
-        t0 = time.perf_counter()
-        loss = model(x, y)
-        opt.scale(loss).backward()
-        if step == steps - 1:
-            memory = opt.memory_bytes()  # gradients are held now, between backward and step
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t0)
-        mean_loss = loss.detach().float().clone()
-        dist.all_reduce(mean_loss)
-        losses.append(mean_loss.item() / n)
-        traffic = opt.traffic_bytes()
+        xs, ys = (t.to(device) for t in get_batch(data, batch_size * n, cfg.seq_len, gen))
+        x, y = xs[rank * batch_size:(rank + 1) * batch_size], ys[rank * batch_size:(rank + 1) * batch_size]
+        with CommCounter() as counter:
+            t0 = now(device)
+            counter.phase = "forward"
+            loss = model(x, y)
+            counter.phase = "backward"
+            (scaler.scale(loss) if scaler else loss).backward()
+            counter.phase = "after backward"
+            finish()
+            memory = held_bytes(model, opt)  # gradients are held now, between backward and step
+            scaler.step(opt) if scaler else opt.step()
+            opt.zero_grad()
+            times.append(now(device) - t0)
+        dist.all_reduce(mean_loss := loss.detach().float() / n)
+        losses.append(mean_loss.item())
+        if check:
+            reference(xs, ys).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
         if log_every and rank == 0 and (step % log_every == 0 or step == steps - 1):
-            tok = batch_size * n * cfg.seq_len / times[-1]
-            print(f"stage {stage} | step {step + 1}/{steps} | loss {losses[-1]:.3f} | {tok / 1e3:.1f}k tok/s | "
-                  f"{times[-1] * 1e3:.0f} ms", flush=True)
-    out = {"stage": stage, "world_size": n, "num_params": opt.num_params, "losses": losses, "memory": memory,
-           "traffic": traffic, "ms_per_step": statistics.median(times) * 1e3,
-           "peak_gathered_numel": opt.peak_gathered_numel, "skipped_steps": opt.skipped_steps,
-           "param_bytes": torch.empty((), dtype=opt.param_dtype).element_size()}
-    final = opt.full_state_dict()
+            print(f"stage {stage} | step {step + 1}/{steps} | loss {losses[-1]:.3f} | "
+                  f"{batch_size * n * cfg.seq_len / times[-1] / 1e3:.1f}k tok/s | {times[-1] * 1e3:.0f} ms", flush=True)
+    out = {"stage": stage, "world_size": n, "num_params": sum(t.numel() for t in full_params(model).values()),
+           "losses": losses, "memory": memory, "ms_per_step": statistics.median(times) * 1e3, "events": counter.events,
+           "param_bytes": torch.empty((), dtype=compute_dtype or torch.float32).element_size(),
+           "sent": sum(RING[op](n) * b for _, op, b in counter.events)}
     if check:
-        out["max_param_diff"] = reference_diff(init, final, cfg, data, steps, batch_size, n, lr, device, seed)
+        want = dict(reference.named_parameters())
+        out["max_param_diff"] = max((want[k].detach() - v).abs().max().item() for k, v in full_params(model).items())
     return out
 
-
-def reference_diff(init, final, cfg, data, steps, batch_size, n, lr, device, seed) -> float:
-    """Train the unsharded model with torch.optim.AdamW on the full global batch; largest |difference| from ours."""
-    model = TinyGPT(cfg).to(device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(init[name])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = get_batch(data, batch_size * n, cfg.seq_len, gen)
-        model(x.to(device), y.to(device)).backward()
-        opt.step()
-        opt.zero_grad()
-    return max((p.detach() - final[name]).abs().max().item() for name, p in model.named_parameters())
-
-
 def print_report(results: list[dict], n: int) -> None:
-    """Memory and traffic per rank, measured beside the ZeRO formulas (p = bytes per parameter in the model)."""
-    print(f"\nPer-rank memory and traffic on N = {n}, Φ = {results[0]['num_params']:,} parameters "
-          f"(formulas with p bytes per model parameter, 12 for fp32 master + Adam m, v):")
-    print(f"{'stage':>5} | {'params':>9} {'formula':>9} | {'grads':>9} {'formula':>9} | {'optimizer':>9} {'formula':>9} | "
-          f"{'total':>9} {'formula':>9} | {'sent/step':>10} {'formula':>10} | {'ms/step':>7}")
+    """Memory and traffic per rank, measured, beside the ZeRO formulas (p = bytes per model parameter)."""
+    phi, p = results[0]["num_params"], results[0]["param_bytes"]
+    print(f"\nPer-rank memory and traffic on N = {n}, Φ = {phi:,} parameters, KiB (formula: {p} bytes per parameter and gradient)")
+    print("stage |" + " |".join(f"{k:>9} {'formula':>8}" for k in ("params", "grads", "optim", "total")) + " | sent/step    paper | ms/step")
     for r in results:
-        phi, p, stage = r["num_params"], r["param_bytes"], r["stage"]
-        f = estimate_memory(phi, n, stage, param_bytes=p)
-        comm = (3 if stage == 3 else 2) * phi * p * (n - 1) / n
-        m, sent = r["memory"], sum(r["traffic"].values())
-        kib = lambda b: f"{b / 1024:>8.1f}K"
-        print(f"{stage:>5} | {kib(m['params'])} {kib(f['params'])} | {kib(m['grads'])} {kib(f['grads'])} | "
-              f"{kib(m['optimizer'])} {kib(f['optimizer'])} | {kib(m['total'])} {kib(f['total'])} | "
-              f"{sent / 1024:>9.1f}K {comm / 1024:>9.1f}K | {r['ms_per_step']:>7.1f}")
-    print("(K = KiB. Measured values exceed the formulas only by the zero padding that makes each unit divisible by "
-          "N.\n Traffic counts every collective call at what a ring implementation of it sends: (N-1)/N of the buffer, "
-          "twice for all-reduce.)")
+        f, m = estimate_memory(phi, n, r["stage"], param_bytes=p), r["memory"]
+        paper = (3 if r["stage"] == 3 else 2) * phi * p * (n - 1) / n
+        cells = " | ".join(f"{m[k] / 1024:>8.1f} {f[k] / 1024:>8.1f}" for k in ("params", "grads", "optimizer", "total"))
+        print(f"{r['stage']:>5} | {cells} | {r['sent'] / 1024:>9.1f} {paper / 1024:>8.1f} | {r['ms_per_step']:>7.1f}")
+    print("sent/step: the collectives CommCounter saw, priced at what a ring sends; stage 1 all-reduces, then all-gathers\n"
+          "(3Φ). Stage 3 holds fp32 shards and gradients (4Φ/N each) and m, v (8Φ/N): 16Φ/N, split differently.")
     for r in results:
-        if r["stage"] == 3:
-            print(f"stage 3 peak of gathered parameters: {r['peak_gathered_numel']:,} elements "
-                  f"(the root unit and one block; the model has {r['num_params']:,})")
         if "max_param_diff" in r:
             print(f"stage {r['stage']}: largest |parameter difference| from single-process torch.optim.AdamW after "
                   f"{len(r['losses'])} steps: {r['max_param_diff']:.2e}")
 
-
 def print_estimate(num_params: float, world_size: int) -> None:
     print(f"Memory per rank for Φ = {num_params:.3g} parameters on N = {world_size} ranks, mixed-precision Adam "
-          f"(2 + 2 + 12 bytes per parameter), GB:")
-    print(f"{'':<28} {'params':>8} {'grads':>8} {'optimizer':>9} {'on GPU':>8} {'CPU':>8} {'NVMe':>8}")
-    rows = [(f"stage {s}" + (" (DDP)" if s == 0 else ""), s, False) for s in range(4)]
-    rows += [(f"stage {s} + ZeRO-Offload (CPU)", s, "cpu") for s in (1, 2, 3)]
-    rows += [("stage 3 + ZeRO-Infinity (NVMe)", 3, "nvme")]
-    for label, s, off in rows:
+          f"(2 + 2 + 12 bytes per parameter), GB:\n{'':<31}   params    grads optimizer   on GPU      CPU     NVMe")
+    for label, s, off in [(f"stage {s}" + (" (DDP)" if s == 0 else ""), s, None) for s in range(4)] + \
+            [(f"stage {s} + ZeRO-Offload (CPU)", s, "cpu") for s in (1, 2, 3)] + [("stage 3 + ZeRO-Infinity (NVMe)", 3, "nvme")]:
         e = estimate_memory(num_params, world_size, s, off)
-        print(f"{label:<28} " + " ".join(f"{e[k] / 1e9:>{w}.1f}" for k, w in
-                                         (("params", 8), ("grads", 8), ("optimizer", 9), ("total", 8), ("cpu", 8), ("nvme", 8))))
+        print(f"{label:<31}" + "".join(f"{e[k] / 1e9:>9.1f}" for k in ("params", "grads", "optimizer", "total", "cpu", "nvme")))
 
-
-PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add = parser.add_argument
+    add("--stage", default="2", help="0, 1, 2, 3, or a list such as 0,1,2,3 to compare them in one run")
+    add("--steps", type=int, default=30, help="training steps per stage")
+    add("--batch-size", type=int, default=8, help="sequences per rank per step")
+    add("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    add("--param-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+        help="compute and communication dtype; the optimizer keeps fp32 masters (float16 adds a loss scaler)")
+    add("--offload", choices=["cpu"], help="ZeRO-Offload: optimizer states and their step on the CPU (stages 0-2)")
+    add("--n-layer", type=int, default=2, help="transformer blocks")
+    add("--n-head", type=int, default=4, help="attention heads (must divide --d-model)")
+    add("--d-model", type=int, default=64, help="model width")
+    add("--seq-len", type=int, default=64, help="tokens (bytes) per sequence")
+    add("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
+    add("--check", action="store_true", help="also train single-process AdamW and print the difference")
+    add("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if present, else cpu")
+    add("--estimate", action="store_true", help="print the memory table for --params on --world-size")
+    add("--params", type=float, default=7e9, help="Φ for --estimate")
+    add("--world-size", type=int, default=8, help="N for --estimate")
+    return parser
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--stage", default="2", help="0, 1, 2, 3, or a list such as 0,1,2,3 to compare them in one run")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per rank per step")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--param-dtype", choices=sorted(PARAM_DTYPES), default="float32")
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
-    p.add_argument("--check", action="store_true", help="also train single-process AdamW and print the difference")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--estimate", action="store_true", help="print the memory table for --params on --world-size")
-    p.add_argument("--params", type=float, default=7e9)
-    p.add_argument("--world-size", type=int, default=8)
-    p.add_argument("--json", metavar="PATH", help="write the figures as JSON (rank 0)")
-    args = p.parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)  # every flag is checked before any work
+    for flag in ("steps", "batch_size", "n_layer", "n_head", "d_model", "seq_len", "world_size", "lr", "params"):
+        if not getattr(args, flag) > 0:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    stages = [int(s) if s.strip().isdigit() else -1 for s in args.stage.split(",")]
+    if any(s not in (0, 1, 2, 3) for s in stages):
+        parser.error(f"--stage {args.stage}: ZeRO has stages 0 (DDP), 1, 2 and 3 (a list such as 0,1,2,3 runs several)")
+    if args.offload and 3 in stages:
+        parser.error(f"--offload {args.offload}: offloading is built on stages 0-2 here (drop 3 from --stage)")
+    if args.d_model % args.n_head:
+        parser.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible here (use --device cpu)")
     if args.estimate:
         return print_estimate(args.params, args.world_size)
     try:
-        stages = [int(s) for s in args.stage.split(",")]
-    except ValueError:
-        p.error(f"--stage {args.stage}: give 0, 1, 2 or 3, or a list such as 0,1,2,3")
-    if any(s not in (0, 1, 2, 3) for s in stages):
-        p.error(f"--stage {args.stage}: ZeRO has stages 0 (DDP), 1, 2 and 3")
-    if args.d_model % args.n_head:
-        p.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible here (use --device cpu)")
-    dtype = PARAM_DTYPES[args.param_dtype]
-    try:
-        torch.ones(2, 2, dtype=dtype, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu")) @ \
-            torch.ones(2, 2, dtype=dtype, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        p.error(f"--param-dtype {args.param_dtype}: this device cannot multiply matrices in it (try bfloat16)")
-    try:
         data = load_text(args.data)
     except ValueError as e:
-        p.error(str(e))
+        parser.error(str(e))
     cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
     rank, n, device = setup_distributed(args.device)
     try:
-        results = []
-        for stage in stages:
-            results.append(train(stage, args.steps, args.batch_size, cfg, args.lr, dtype, data, device,
-                                 log_every=max(1, args.steps // 5), check=args.check))
+        results = [train(s, args.steps, args.batch_size, cfg, args.lr, getattr(torch, args.param_dtype), data, device,
+                         offload=args.offload, log_every=max(1, args.steps // 5),
+                         check=args.check) for s in stages]
         if rank == 0:
             print_report(results, n)
-            if args.json:
-                Path(args.json).write_text(json.dumps(results, indent=1))
         return results
     finally:
         cleanup()
-
 
 # --- common core: identical in every file (tests/test_common.py checks) -----------------------------------
 # Process-group setup, a timer that synchronises, the communication counter and, in the training scripts, the

@@ -1,3 +1,6 @@
+import io
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -5,12 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zero
-from harness import cli_error, readme_command, run_distributed, run_script, run_torchrun
+from harness import cli_error, readme_command, run_distributed, run_torchrun
 
 
 class Toy(nn.Module):
     """Small, but with every awkward case: tied weights (embedding = output), biases of 7 elements (not divisible by
-    2 or 3), a frozen parameter, and blocks in a ModuleList so ZeRO shards them as units."""
+    2 or 3), a frozen parameter, and blocks in a ModuleList so stage 3 shards them as units."""
 
     def __init__(self):
         super().__init__()
@@ -25,7 +28,7 @@ class Toy(nn.Module):
         x = self.emb(idx)
         for b in self.blocks:
             x = x + b(x)
-        return F.cross_entropy(self.out(self.frozen(x)).view(-1, 11), targets.view(-1))
+        return F.cross_entropy(self.out(self.frozen(x)).float().view(-1, 11), targets.view(-1))
 
 
 def batches(steps, n, per_rank=4):
@@ -34,126 +37,228 @@ def batches(steps, n, per_rank=4):
             for _ in range(steps)]
 
 
-def _equal_to_adamw(steps=5, lr=1e-2):
-    """Every stage on this group vs torch.optim.AdamW on one process with the global batch."""
+def mine(batch):
+    r = dist.get_rank()
+    return [t[r * 4:(r + 1) * 4] for t in batch]
+
+
+def reference(optimizer_cls, kw, data):
+    """One process, the global batch, the plain optimizer: what every stage must reproduce."""
+    torch.manual_seed(0)
+    model = Toy()
+    opt = optimizer_cls([p for p in model.parameters() if p.requires_grad], **kw)
+    for x, y in data:
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: p.detach() for k, p in model.named_parameters()}
+
+
+def trained(stage, optimizer_cls, kw, data, offload=None):
+    r = dist.get_rank()
+    torch.manual_seed(0 if r == 0 else 100 + r)  # other ranks start elsewhere: construction must broadcast
+    # 1e-4 MiB buckets: several per model, so bucket boundaries and padding are exercised
+    model, opt, finish = zero.build(stage, Toy(), None, offload, optimizer_cls, 1e-4, **kw)
+    for batch in data:
+        model(*mine(batch)).backward()
+        finish()
+        opt.step()
+        opt.zero_grad()
+    return zero.full_params(model)
+
+
+OPTIMIZERS = {"adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+              "sgd+momentum": (torch.optim.SGD, dict(lr=0.5, momentum=0.9))}
+
+
+def check_every_stage(data):
+    """Every stage vs the single-process optimizer. SGD catches a sum-instead-of-mean bug that Adam's
+    scale-invariance hides. Ranks sum gradients in another order than one process (last-bit differences), which
+    Adam's division by sqrt(v) passes on as relative error: 1e-5 relative holds."""
+    for name, (cls, kw) in OPTIMIZERS.items():
+        want = reference(cls, kw, data)
+        for stage in range(4):
+            got = trained(stage, cls, kw, data)
+            for k, p in want.items():
+                torch.testing.assert_close(got[k], p, rtol=1e-5, atol=1e-6, msg=f"{name} stage {stage} {k}")
+    for stage in (1, 2):  # ZeRO-Offload: the step on the CPU gives the same parameters
+        cls, kw = OPTIMIZERS["adamw"]
+        got, base = trained(stage, cls, kw, data, offload="cpu"), trained(stage, cls, kw, data)
+        assert all(torch.equal(got[k], base[k]) for k in base), f"offload differs at stage {stage}"
+
+
+def check_overlap(data):
+    """The all-reduces start inside backward: when the last gradient of backward is produced (the embedding's,
+    which the tied output also feeds), every other bucket has already been launched."""
+    torch.manual_seed(0)
+    toy = Toy()
+    launched_before_last = []
+    with zero.CommCounter() as counter:
+        toy.emb.weight.register_post_accumulate_grad_hook(lambda p: launched_before_last.append(len(counter.events)))
+        model = zero.DataParallel(toy, bucket_mb=0)  # one parameter per bucket
+        counter.events.clear()
+        loss = model(*mine(data[0]))
+        counter.phase = "backward"
+        loss.backward()
+        counter.phase = "after"
+        model.finish_gradient_synchronization()
+    buckets = len(model.buckets)
+    assert buckets == len(zero.trainable(toy.parameters())) > 2
+    assert launched_before_last == [buckets - 1]
+    assert counter.totals("backward")["all_reduce"][0] == buckets and "all_reduce" not in counter.totals("after")
+    baseline = zero.DataParallel(Toy(), bucket_mb=0, overlap=False)
+    with zero.CommCounter() as counter:
+        counter.phase = "backward"
+        baseline(*mine(data[0])).backward()
+        counter.phase = "after"
+        baseline.finish_gradient_synchronization()
+    assert "all_reduce" not in counter.totals("backward") and counter.totals("after")["all_reduce"][0] == buckets
+
+
+def read_everything(model):
+    for p in model.parameters():
+        p.detach().sum().item()
+    torch.save(model.state_dict(), io.BytesIO())
+    return True
+
+
+def check_stage3_gradients_and_reads(data):
+    """fp32 .grad of the shard's shape, equal to the shard of the single-process gradient; parameters, state_dict
+    and torch.save readable at every moment (between uses the parameters are the shards, never freed memory)."""
     r, n = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    reference = Toy()
-    data = batches(steps, n)
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=lr, weight_decay=0.1)
-    for x, y in data:
-        reference(x, y).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
-    worst = {}
-    for stage in range(4):
-        torch.manual_seed(0 if r == 0 else 100 + r)  # other ranks start elsewhere: the broadcast must fix that
-        model = Toy()
-        opt = zero.ZeroOptimizer(model, stage, lr=lr, weight_decay=0.1)
-        for x, y in data:
-            sl = slice(r * 4, (r + 1) * 4)
-            model(x[sl], y[sl]).backward()
-            opt.step()
-            opt.zero_grad()
-        got = opt.full_state_dict()
-        for name, p in reference.named_parameters():
-            # Ranks sum their gradients in another order than one process does (last-bit differences), and Adam's
-            # division by sqrt(v) passes relative gradient error straight to the update: 1e-5 relative holds.
-            torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-6, msg=f"stage {stage} {name}")
-        worst[stage] = max((got[k] - p.detach()).abs().max().item() for k, p in reference.named_parameters())
-    return worst
+    ref = Toy()
+    ref(*data[0]).backward()
+    ref_grads = {id_: p.grad for id_, p in enumerate(ref.parameters()) if p.requires_grad}
+    torch.manual_seed(0)
+    model = zero.FullyShardedDataParallel(Toy())
+    during = []
+    model.module.blocks[1].register_forward_hook(lambda m, a, o: during.append(read_everything(model)))
+    read_everything(model)
+    loss = model(*mine(data[0]))
+    read_everything(model)
+    loss.backward()
+    read_everything(model)
+    model.finish_gradient_synchronization()
+    read_everything(model)
+    assert during == [True]
+    for i, p in enumerate(model.module.parameters()):
+        if p.requires_grad:
+            s = math.ceil(ref_grads[i].numel() / n)
+            assert p.shape == p.grad.shape == (s,) and p.grad.dtype == torch.float32
+            padded = torch.cat([ref_grads[i].reshape(-1), torch.zeros(n * s - ref_grads[i].numel())])
+            torch.testing.assert_close(p.grad, padded[r * s:(r + 1) * s], rtol=1e-5, atol=1e-7)
+    return ref_grads
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_every_stage_equals_single_process_adamw(world_size):
-    results = run_distributed(_equal_to_adamw, world_size)
-    assert set(results[0]) == {0, 1, 2, 3}
-
-
-def _memory_and_traffic():
+def check_fp16(data, ref_grads):
+    """fp16 without a loss scaler gives the gradients themselves (to fp16's precision: relative error well under
+    1 %), at stage 0 and stage 3; with the scaler, an overflow on one rank makes every rank skip the step."""
     r, n = dist.get_rank(), dist.get_world_size()
-    out = {}
-    cfg = zero.GPTConfig(n_layer=2, d_model=24, n_head=4, seq_len=16)
-    data = zero.load_text(max_bytes=200_000)
-    for stage in range(4):
-        res = zero.train(stage, steps=2, batch_size=2, cfg=cfg, param_dtype=torch.bfloat16, data=data)
-        torch.manual_seed(0)
-        model = zero.TinyGPT(cfg)
-        units = zero.find_units(model, n)
-        out[stage] = dict(res, padded=sum(u.padded_numel for u in units),
-                          root_and_largest_block=units[0].padded_numel + max(u.padded_numel for u in units[1:]))
-    fp32 = zero.train(2, steps=5, batch_size=2, cfg=cfg, data=data)["losses"]
-    bf16 = zero.train(2, steps=5, batch_size=2, cfg=cfg, param_dtype=torch.bfloat16, data=data)["losses"]
-    out["loss_gap"] = max(abs(a - b) for a, b in zip(fp32, bf16))
-    # fp16: an overflow on one rank only must make every rank skip the step and halve the loss scale.
-    model = Toy()
-    opt = zero.ZeroOptimizer(model, 2, param_dtype=torch.float16, lr=1e-2)
-    before = opt.full_state_dict()
-    x, y = batches(1, n)[0]
-    opt.scale(model(x[r * 4:(r + 1) * 4], y[r * 4:(r + 1) * 4])).backward()
+    torch.manual_seed(0)
+    ddp = zero.DataParallel(Toy().half())
+    ddp(*mine(data[0])).backward()
+    ddp.finish_gradient_synchronization()
+    torch.manual_seed(0)
+    fsdp = zero.FullyShardedDataParallel(Toy(), compute_dtype=torch.float16)
+    fsdp(*mine(data[0])).backward()
+    fsdp.finish_gradient_synchronization()
+    trainable = [p for p in ddp.module.parameters() if p.requires_grad]
+    for (i, want), p, q in zip(ref_grads.items(), trainable, zero.trainable(fsdp.module.parameters())):
+        assert (p.grad.float() - want).norm() < 5e-3 * want.norm(), f"stage 0 fp16 gradient {i}"
+        s = q.grad.numel()
+        shard = torch.cat([want.reshape(-1), torch.zeros(n * s - want.numel())])[r * s:(r + 1) * s]
+        assert (q.grad - shard).norm() < 5e-3 * want.norm(), f"stage 3 fp16 gradient {i}"
+    model, opt, finish = zero.build(2, Toy().half(), None, None, torch.optim.AdamW, 1e-4, lr=1e-2)
+    scaler = zero.DynamicLossScaler()
+    before = zero.full_params(model)
+    scaler.scale(model(*mine(data[0]))).backward()
+    finish()
     if r == 1:
-        opt.grad_shard[0] = float("inf")
-    opt.step()
-    after = opt.full_state_dict()
-    out["fp16"] = (opt.skipped_steps, opt.loss_scale, all(torch.equal(before[k], after[k]) for k in before))
-    try:
-        zero.ZeroOptimizer(nn.Linear(1, 1, bias=False), 1)
-    except ValueError as e:
-        out["too_many_ranks"] = str(e)
-    return out
+        opt.grad_shards[0][0] = float("inf")
+    skipped = not scaler.step(opt)
+    after = zero.full_params(model)
+    scaler.scale(model(*mine(data[0]))).backward()
+    finish()
+    stepped = scaler.step(opt)
+    return skipped, scaler.loss_scale, all(torch.equal(before[k], after[k]) for k in before), stepped
+
+
+def memory_and_traffic():
+    cfg = zero.GPTConfig(n_layer=2, d_model=24, n_head=4, seq_len=16)
+    data = zero.load_text(max_bytes=100_000)
+    return {stage: zero.train(stage, steps=2, batch_size=2, cfg=cfg, compute_dtype=torch.bfloat16, data=data)
+            for stage in range(4)}
+
+
+def _everything():
+    data = batches(3, dist.get_world_size())
+    check_every_stage(data)
+    check_overlap(data)
+    ref_grads = check_stage3_gradients_and_reads(data)
+    return {"fp16": check_fp16(data, ref_grads), "table": memory_and_traffic()}
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_memory_and_traffic_match_the_zero_formulas(world_size):
+def test_every_stage_and_its_figures(world_size):
     n = world_size
-    every_rank = run_distributed(_memory_and_traffic, n)
-    assert [o["fp16"] for o in every_rank] == [(1, 2.0 ** 15, True)] * n
-    out = every_rank[0]
+    every_rank = run_distributed(_everything, n, timeout=240)
+    assert [o["fp16"] for o in every_rank] == [(True, 2.0 ** 15, True, True)] * n
+    table = every_rank[0]["table"]
+    torch.manual_seed(0)
+    params = zero.trainable(zero.TinyGPT(zero.GPTConfig(n_layer=2, d_model=24, n_head=4, seq_len=16)).parameters())
+    phi = sum(p.numel() for p in params)
+    per_param_shards = sum(math.ceil(p.numel() / n) for p in params)  # stage 3 pads each parameter
+    for stage, res in table.items():
+        mem = res["memory"]
+        assert res["num_params"] == phi
+        # The ZeRO paper's table, bf16 = 2 bytes, written out here (not taken from zero.estimate_memory).
+        want = {0: (2 * phi, 2 * phi, 12 * phi), 1: (2 * phi, 2 * phi, 12 * phi / n),
+                2: (2 * phi, 2 * phi / n, 12 * phi / n), 3: (4 * phi / n, 4 * phi / n, 8 * phi / n)}[stage]
+        for key, w in zip(("params", "grads", "optimizer"), want):
+            assert w <= mem[key] < w * 1.01 + 64, (stage, key, mem[key], w)  # padding to N only
+        assert mem["total"] < (16 * phi / n if stage == 3 else 16 * phi) * 1.01 + 64
+    # Traffic, recounted from the events: stage 1 sends 3Φ (all-reduce, then all-gather), not the paper's 2Φ.
+    ring = lambda res: sum({"all_reduce": 2 * (n - 1) / n, "reduce_scatter_single": (n - 1) / n,
+                            "all_gather_single": n - 1}[op] * b for _, op, b in res["events"])
     for stage in range(4):
-        res = out[stage]
-        phi, mem, traffic = res["num_params"], res["memory"], res["traffic"]
-        # The ZeRO paper's table, written out here (not taken from zero.estimate_memory): bf16 = 2 bytes.
-        expected = {0: (2 * phi, 2 * phi, 12 * phi), 1: (2 * phi, 2 * phi, 12 * phi / n),
-                    2: (2 * phi, 2 * phi / n, 12 * phi / n), 3: (2 * phi / n, 2 * phi / n, 12 * phi / n)}[stage]
-        for key, want in zip(("params", "grads", "optimizer"), expected):
-            assert want <= mem[key] < want * 1.01, (stage, key, mem[key], want)  # padding only: < 1 %
-        passes = 3 if stage == 3 else 2
-        padded = phi if stage == 0 else res["padded"]  # stage 0 all-reduces unpadded buffers
-        assert sum(traffic.values()) == pytest.approx(passes * padded * 2 * (n - 1) / n, abs=passes * 8)
-        assert sum(traffic.values()) == pytest.approx(passes * phi * 2 * (n - 1) / n, rel=0.01)
-        if stage == 3:
-            assert res["peak_gathered_numel"] == res["root_and_largest_block"]
-            assert res["peak_gathered_numel"] < res["padded"]
-    assert set(out[0]["traffic"]) == {"all_reduce"}
-    assert set(out[1]["traffic"]) == set(out[2]["traffic"]) == {"reduce_scatter", "all_gather"}
-    # bf16 keeps 8 bits of mantissa: over 5 steps the loss may drift by a few hundredths from fp32, not more.
-    assert out["loss_gap"] < 0.05
-    assert "exceeds the 1 trainable parameters" in out["too_many_ranks"]
+        assert table[stage]["sent"] == pytest.approx(ring(table[stage]))
+    assert table[0]["sent"] == pytest.approx(2 * phi * 2 * (n - 1) / n)
+    assert table[1]["sent"] == pytest.approx(3 * phi * 2 * (n - 1) / n, rel=0.01)
+    assert table[2]["sent"] == pytest.approx(2 * phi * 2 * (n - 1) / n, rel=0.01)
+    ops = lambda stage, phase: {(op, b) for ph, op, b in table[stage]["events"] if ph == phase}
+    assert {op for op, _ in ops(0, "backward")} == {"all_reduce"}  # stage 0 overlaps with backward in training too
+    gathered = sum(b for ph, op, b in table[3]["events"] if op == "all_gather_single" and ph == "forward")
+    assert gathered == per_param_shards * 2  # bf16 shards, once for forward ...
+    assert sum(b for ph, op, b in table[3]["events"] if op == "all_gather_single" and ph == "backward") == gathered
+    assert sum(b for ph, op, b in table[3]["events"] if op == "reduce_scatter_single") == n * gathered  # ... 3Φ
 
 
-def test_estimate_memory_reproduces_the_zero_table_for_7b_on_8():
+def test_estimate_memory_follows_the_papers():
     gb = {s: zero.estimate_memory(7e9, 8, s)["total"] / 1e9 for s in range(4)}
     assert gb == pytest.approx({0: 112.0, 1: 38.5, 2: 26.25, 3: 14.0})
-    off = zero.estimate_memory(7e9, 8, 2, offload=True)
-    assert off["optimizer"] == 0 and off["cpu"] == pytest.approx(12 * 7e9 / 8)
+    off = zero.estimate_memory(13e9, 1, 2, offload="cpu")  # ZeRO-Offload: 13B on one 32 GB V100
+    assert off["total"] == pytest.approx(26e9) and off["cpu"] == pytest.approx(14 * 13e9)
     inf = zero.estimate_memory(7e9, 8, 3, offload="nvme")
-    assert inf["total"] == pytest.approx(2 * 7e9 / 8) and inf["nvme"] == pytest.approx(14 * 7e9 / 8)
+    assert inf["total"] == 0 and inf["nvme"] == pytest.approx(16 * 7e9 / 8)
 
 
 def test_readme_torchrun_line_trains_and_reports():
     line = readme_command("zero.py")
     out = run_torchrun(line, "--steps 3 --check").stdout
     assert "Per-rank memory and traffic on N = 4" in out
-    diff = float(out.split("largest |parameter difference| from single-process torch.optim.AdamW after 3 steps: ")[1].split()[0])
+    diff = float(out.split("from single-process torch.optim.AdamW after 3 steps: ")[1].split()[0])
     assert diff < 1e-4
 
 
-def test_estimate_cli_prints_112_gb_for_ddp():
-    out = run_script(["zero.py", "--estimate", "--params", "7e9", "--world-size", "8"]).stdout
-    assert "112.0" in out.splitlines()[2]
+def test_estimate_cli_prints_112_gb_for_ddp(capsys):
+    zero.main(["--estimate", "--params", "7e9", "--world-size", "8"])
+    assert "112.0" in capsys.readouterr().out.splitlines()[2]
 
 
 @pytest.mark.parametrize("args, message", [(["--stage", "4"], "ZeRO has stages 0 (DDP), 1, 2 and 3"),
-                                           (["--data", "/no/such/file"], "no such file or folder")])
+                                           (["--data", "/no/such/file"], "no such file or folder"),
+                                           (["--estimate", "--params", "-7"], "--params -7.0: must be positive"),
+                                           (["--offload", "cpu", "--stage", "3"], "--offload cpu")])
 def test_bad_input_is_one_line(args, message, capsys):
     assert message in cli_error(zero.main, args, capsys)
