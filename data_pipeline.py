@@ -1,30 +1,31 @@
-"""From raw documents to training data: extraction, quality filters, PII scrubbing, dedup, mixing and curricula.
+"""From raw documents to clean, deduplicated text: extraction, quality rules, model filters, PII, exact and fuzzy dedup.
 
 Pretraining data is mostly thrown away: a web crawl loses most of its documents to boilerplate, language, quality
-and duplication filters before a model sees it. This script runs those stages one after another and prints the
-funnel, stage by stage: documents in, documents out, what was removed and why. Near-duplicates are found with
-MinHash and locality-sensitive hashing: two documents whose shingle sets have Jaccard similarity s share one of b
-bands of r MinHash values with probability
+and duplication filters. This script runs those stages in turn and prints the funnel: documents in, out, and why.
+The model filters learn what good text looks like from a high-quality reference (the documentation every Python
+install carries, as CCNet used Wikipedia). Near-duplicates are found with MinHash and locality-sensitive hashing:
+two documents whose shingle sets have Jaccard similarity s share one of b bands of r MinHash values with probability
 
-    P(candidate) = 1 - (1 - s^r)^b,
+    P(candidate) = 1 - (1 - s^r)^b,   an S-curve that rises around the threshold (1/b)^(1/r).
 
-an S-curve that rises around the threshold (1/b)^(1/r). The output JSONL is what every training script's --data
-reads; the last part plans the mixture of sources, the curriculum, and post-training (SFT, preference) data.
+
+The output JSONL is what every training script's --data reads, and what data_mixing.py mixes and orders.
 
 Run:   python data_pipeline.py --output clean.jsonl                  (Python's standard library as the corpus)
-       python data_pipeline.py pages/ notes.txt --output clean.jsonl --languages en --skip model
+       python data_pipeline.py pages/ notes.txt --output clean.jsonl --languages en --skip perplexity
        torchrun --nproc_per_node=2 data_pipeline.py --output clean.jsonl    (fuzzy dedup shared by 2 ranks)
-       python data_pipeline.py --plan --params 7e9 --tokens 2e12
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import datetime
+import functools
 import hashlib
 import html
 import json
 import os
+import random
 import re
 import struct
 import sys
@@ -37,122 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-
-# --- documents and the funnel ---------------------------------------------
-
-
-@dataclass
-class Document:
-    id: str
-    source: str  # file (and line, for JSONL)
-    text: str
-    kind: str = "prose"  # "code" for source files: they get code rules instead of prose rules
-
-
-CODE_SUFFIXES = {".py"}
-TEXT_SUFFIXES = {".html", ".htm", ".txt", ".md", ".py", ".jsonl"}
-
-
-def read_documents(inputs: list[str], problems: collections.Counter, examples: dict) -> list[Document]:
-    """Every readable document under the inputs. Binary files, bad UTF-8 and malformed JSONL lines are counted in
-    `problems` (with an example location in `examples`), never dropped silently."""
-    files = []
-    for item in inputs:
-        p = Path(item)
-        if not p.exists():
-            raise ValueError(f"input {item}: no such file or folder")
-        files += [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES
-                                                and not skipped_by_default(f.relative_to(p)))
-
-    def problem(reason, where):
-        problems[reason] += 1
-        examples.setdefault(reason, where)
-
-    docs = []
-    for f in files:
-        try:
-            raw = f.read_bytes()
-        except OSError as e:
-            problem("unreadable file", f"{f}: {e.strerror}")
-            continue
-        if b"\x00" in raw[:8192]:
-            problem("binary file", str(f))
-            continue
-        if f.suffix == ".jsonl":
-            for i, line in enumerate(raw.split(b"\n"), 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line.decode("utf-8"))["text"]
-                    if not isinstance(text, str):
-                        raise TypeError
-                except UnicodeDecodeError:
-                    problem("bad utf-8", f"{f}:{i}")
-                    continue
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    problem("malformed jsonl line", f"{f}:{i}")
-                    continue
-                docs.append(Document(f"{f.stem}-{i}", f"{f}:{i}", text))
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            problem("bad utf-8", f"{f} (byte {e.start})")
-            continue
-        if f.suffix in (".html", ".htm"):
-            text = extract_text(text)
-        docs.append(Document(str(len(docs)), str(f), text, "code" if f.suffix in CODE_SUFFIXES else "prose"))
-    for i, d in enumerate(docs):
-        d.id = f"doc{i:07d}"
-    return docs
-
-
-def default_inputs() -> list[str]:
-    """Python's standard library source tree: real documents with real duplicates (vendored copies, tests)."""
-    return [str(Path(os.__file__).parent)]
-
-
-def skipped_by_default(path: Path) -> bool:
-    """Third-party packages installed into the standard library's folder are not part of the default corpus."""
-    return "site-packages" in path.parts or "dist-packages" in path.parts
-
-
-@dataclass
-class StageReport:
-    stage: str
-    docs_in: int
-    docs_out: int
-    mb_out: float
-    reasons: collections.Counter = field(default_factory=collections.Counter)
-    seconds: float = 0.0
-
-
-def progress(stage: str, done: int, total: int, t0: float) -> None:
-    """A one-line progress bar on stderr for long stages."""
-    if total >= 2000 and (done % 500 == 0 or done == total) and sys.stderr.isatty():
-        bar = "#" * int(30 * done / total)
-        sys.stderr.write(f"\r{stage:<10} [{bar:<30}] {done}/{total} {done / max(1e-9, time.perf_counter() - t0):.0f} docs/s")
-        if done == total:
-            sys.stderr.write("\n")
-
-
-def run_filter(stage: str, docs: list[Document], check) -> tuple[list[Document], StageReport]:
-    """Apply check(doc) -> list of reasons (empty: keep); may also rewrite doc.text. Records the funnel row."""
-    t0 = time.perf_counter()
-    kept, reasons = [], collections.Counter()
-    for i, d in enumerate(docs, 1):
-        why = check(d)
-        if why:
-            reasons.update(why)
-        else:
-            kept.append(d)
-        progress(stage, i, len(docs), t0)
-    return kept, StageReport(stage, len(docs), len(kept), mb(kept), reasons, time.perf_counter() - t0)
-
-
-def mb(docs) -> float:
-    return sum(len(d.text.encode("utf-8")) for d in docs) / 1e6
-
+import torch.nn.functional as F
 
 # --- stage 1: HTML to text -------------------------------------------------
 
@@ -177,14 +63,10 @@ class _TextExtractor(HTMLParser):
         if tag in SKIPPED_TAGS:
             self.skip_depth += 1
         elif not self.skip_depth:
-            if tag == "pre":
-                self.pre_depth += 1
+            self.pre_depth += tag == "pre"
             if tag in BLOCK_TAGS:
                 self._newlines(2 if tag in PARAGRAPH_TAGS else 1)
-            if tag == "li":
-                self.parts.append("- ")
-            if tag in ("td", "th"):
-                self.parts.append(" | ")
+            self.parts.append({"li": "- ", "td": " | ", "th": " | "}.get(tag, ""))
 
     def handle_startendtag(self, tag, attrs):
         if tag == "br" and not self.skip_depth:
@@ -194,8 +76,7 @@ class _TextExtractor(HTMLParser):
         if tag in SKIPPED_TAGS:
             self.skip_depth = max(0, self.skip_depth - 1)
         elif not self.skip_depth and tag in BLOCK_TAGS:
-            if tag == "pre":
-                self.pre_depth = max(0, self.pre_depth - 1)
+            self.pre_depth = max(0, self.pre_depth - (tag == "pre"))
             self._newlines(2 if tag in PARAGRAPH_TAGS else 1)
 
     def handle_data(self, data):
@@ -210,102 +91,68 @@ def extract_text(page: str) -> str:
     parser.feed(page)
     parser.close()
     text = html.unescape("".join(parser.parts))  # a second pass for double-escaped entities
-    lines = [re.sub(r"[ \t\r\f\v\u00a0]+", " ", line).strip(" |") for line in text.split("\n")]
-    lines = [line.strip() for line in lines]
+    lines = [re.sub(r"[ \t\r\f\v\u00a0]+", " ", line).strip(" |").strip() for line in text.split("\n")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
 # --- stage 2: heuristic quality filters ----------------------------------------
-# Gopher: Rae et al. 2021, "Scaling Language Models: Methods, Analysis & Insights from Training Gopher", App. A.
-GOPHER_MIN_WORDS, GOPHER_MAX_WORDS = 50, 100_000
-GOPHER_MEAN_WORD_LENGTH = (3, 10)
-GOPHER_MAX_SYMBOL_RATIO = 0.1  # '#' and '...' per word
-GOPHER_MAX_BULLET_LINES = 0.9  # share of lines starting with a bullet
-GOPHER_MAX_ELLIPSIS_LINES = 0.3  # share of lines ending with an ellipsis
-GOPHER_MIN_ALPHA_WORDS = 0.8  # share of words with at least one letter
-GOPHER_STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}  # at least 2 must appear
-GOPHER_MIN_STOP_WORDS = 2
-# Gopher repetition rules (same appendix): duplicate lines / paragraphs, and the share of characters in the most
-# frequent n-gram (n = 2, 3, 4) and in duplicated n-grams (n = 5..10).
-GOPHER_MAX_DUP_LINE_FRAC, GOPHER_MAX_DUP_PARA_FRAC = 0.30, 0.30
-GOPHER_MAX_DUP_LINE_CHARS, GOPHER_MAX_DUP_PARA_CHARS = 0.20, 0.20
+# Gopher (Rae et al. 2021, App. A): quality rules, then repetition rules: duplicate lines and paragraphs (their share
+# and their characters' share), the share of characters in the most frequent n-gram (n = 2..4) and in duplicated
+# n-grams (n = 5..10).
+GOPHER_MIN_WORDS, GOPHER_MAX_WORDS, GOPHER_MEAN_WORD_LENGTH = 50, 100_000, (3, 10)
+GOPHER_MAX_SYMBOL_RATIO, GOPHER_MIN_ALPHA_WORDS = 0.1, 0.8  # '#' and '...' per word; words with a letter
+GOPHER_MAX_BULLET_LINES, GOPHER_MAX_ELLIPSIS_LINES = 0.9, 0.3  # lines starting with a bullet, ending with '...'
+GOPHER_STOP_WORDS, GOPHER_MIN_STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}, 2
+GOPHER_MAX_DUP_FRAC, GOPHER_MAX_DUP_CHARS = 0.30, 0.20
 GOPHER_TOP_NGRAM = {2: 0.20, 3: 0.18, 4: 0.16}
 GOPHER_DUP_NGRAM = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
-# C4: Raffel et al. 2020, "Exploring the Limits of Transfer Learning ...", section 2.2.
-C4_TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'", "”", "’")
-C4_MIN_WORDS_PER_LINE = 3
-C4_MIN_SENTENCES = 3
-C4_JAVASCRIPT = re.compile(r"javascript", re.I)
-C4_POLICY = re.compile(r"terms of use|privacy policy|cookie policy|uses cookies|use of cookies", re.I)
+# C4 (Raffel et al. 2020, section 2.2): lines that end in punctuation, have 3+ words and no boilerplate.
+C4_TERMINAL_PUNCTUATION, C4_MIN_WORDS_PER_LINE, C4_MIN_SENTENCES = (".", "!", "?", '"', "'", "”", "’"), 3, 3
+C4_BOILERPLATE = re.compile(r"javascript|terms of use|privacy policy|cookie policy|uses cookies|use of cookies", re.I)
 # Code: the rules The Stack / StarCoder (Li et al. 2023) used to drop generated and data-like files.
 CODE_MAX_MEAN_LINE_LENGTH, CODE_MAX_LINE_LENGTH, CODE_MIN_ALNUM_FRACTION = 100, 1000, 0.25
 CODE_GENERATED = re.compile(r"auto-?generated|do not edit|generated by", re.I)
 
 
 def gopher_quality(text: str) -> list[str]:
-    words = text.split()
+    words, lines = text.split(), [line.strip() for line in text.split("\n") if line.strip()]
     n = len(words)
     if not GOPHER_MIN_WORDS <= n <= GOPHER_MAX_WORDS:
         return [f"gopher: {n} words (keep {GOPHER_MIN_WORDS}-{GOPHER_MAX_WORDS})"]
-    reasons = []
-    mean_len = sum(map(len, words)) / n
-    if not GOPHER_MEAN_WORD_LENGTH[0] <= mean_len <= GOPHER_MEAN_WORD_LENGTH[1]:
-        reasons.append("gopher: mean word length")
-    if (text.count("#") + text.count("...") + text.count("…")) / n > GOPHER_MAX_SYMBOL_RATIO:
-        reasons.append("gopher: symbol-to-word ratio")
-    lines = [line for line in text.split("\n") if line.strip()]
-    if lines and sum(line.lstrip().startswith(("-", "*", "•", "·")) for line in lines) / len(lines) > GOPHER_MAX_BULLET_LINES:
-        reasons.append("gopher: bullet lines")
-    if lines and sum(line.rstrip().endswith(("...", "…")) for line in lines) / len(lines) > GOPHER_MAX_ELLIPSIS_LINES:
-        reasons.append("gopher: ellipsis lines")
-    if sum(any(c.isalpha() for c in w) for w in words) / n < GOPHER_MIN_ALPHA_WORDS:
-        reasons.append("gopher: words without letters")
-    if len(GOPHER_STOP_WORDS & {w.lower().strip(".,;:!?") for w in words}) < GOPHER_MIN_STOP_WORDS:
-        reasons.append("gopher: no stop words")
-    return reasons
 
-
-def _duplicate_share(items: list[str]) -> tuple[float, float]:
-    """Share of items that repeat an earlier one, and share of characters in them."""
-    seen, dup, dup_chars = set(), 0, 0
-    for x in items:
-        if x in seen:
-            dup += 1
-            dup_chars += len(x)
-        seen.add(x)
-    total_chars = sum(map(len, items)) or 1
-    return dup / max(1, len(items)), dup_chars / total_chars
+    def share(test, items):
+        return sum(map(test, items)) / max(1, len(items))
+    failed = {
+        "mean word length": not GOPHER_MEAN_WORD_LENGTH[0] <= sum(map(len, words)) / n <= GOPHER_MEAN_WORD_LENGTH[1],
+        "symbol-to-word ratio": (text.count("#") + text.count("...") + text.count("…")) / n > GOPHER_MAX_SYMBOL_RATIO,
+        "bullet lines": share(lambda line: line.startswith(("-", "*", "•", "·")), lines) > GOPHER_MAX_BULLET_LINES,
+        "ellipsis lines": share(lambda line: line.endswith(("...", "…")), lines) > GOPHER_MAX_ELLIPSIS_LINES,
+        "words without letters": share(lambda w: any(c.isalpha() for c in w), words) < GOPHER_MIN_ALPHA_WORDS,
+        "no stop words": len(GOPHER_STOP_WORDS & {w.lower().strip(".,;:!?") for w in words}) < GOPHER_MIN_STOP_WORDS}
+    return [f"gopher: {rule}" for rule, bad in failed.items() if bad]
 
 
 def gopher_repetition(text: str) -> list[str]:
     reasons = []
-    lines = [line.strip() for line in text.split("\n") if line.strip()]
-    paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    frac, chars = _duplicate_share(lines)
-    if frac > GOPHER_MAX_DUP_LINE_FRAC or chars > GOPHER_MAX_DUP_LINE_CHARS:
-        reasons.append("gopher: duplicate lines")
-    frac, chars = _duplicate_share(paras)
-    if frac > GOPHER_MAX_DUP_PARA_FRAC or chars > GOPHER_MAX_DUP_PARA_CHARS:
-        reasons.append("gopher: duplicate paragraphs")
+    for unit, items in (("lines", text.split("\n")), ("paragraphs", re.split(r"\n\s*\n", text))):
+        counts = collections.Counter(x.strip() for x in items if x.strip())
+        n, chars = sum(counts.values()), sum(len(x) * c for x, c in counts.items())
+        dup_chars = sum(len(x) * (c - 1) for x, c in counts.items())  # every copy after the first
+        if (n - len(counts)) / max(1, n) > GOPHER_MAX_DUP_FRAC or dup_chars / max(1, chars) > GOPHER_MAX_DUP_CHARS:
+            reasons.append(f"gopher: duplicate {unit}")
     words = text.split()
     total = sum(map(len, words)) or 1
     for k, limit in GOPHER_TOP_NGRAM.items():
-        grams = collections.Counter(tuple(words[i:i + k]) for i in range(len(words) - k + 1))
-        if grams:
-            gram, count = grams.most_common(1)[0]
-            if count > 1 and count * sum(map(len, gram)) / total > limit:
-                reasons.append(f"gopher: top {k}-gram share")
-                break
+        gram, count = (collections.Counter(zip(*(words[j:] for j in range(k)))).most_common(1) or [((), 0)])[0]
+        if count > 1 and count * sum(map(len, gram)) / total > limit:
+            reasons.append(f"gopher: top {k}-gram share")
+            break
     for k, limit in GOPHER_DUP_NGRAM.items():
-        covered = np.zeros(len(words), dtype=bool)
-        seen = {}
-        for i in range(len(words) - k + 1):
-            g = tuple(words[i:i + k])
-            if g in seen:
-                covered[i:i + k] = True
-                covered[seen[g]:seen[g] + k] = True
-            else:
-                seen[g] = i
+        covered, first = np.zeros(len(words), dtype=bool), {}
+        for i, gram in enumerate(zip(*(words[j:] for j in range(k)))):
+            if gram in first:  # this n-gram and its first occurrence are both duplicated text
+                covered[i:i + k] = covered[first[gram]:first[gram] + k] = True
+            first.setdefault(gram, i)
         if sum(len(w) for w, c in zip(words, covered) if c) / total > limit:
             reasons.append(f"gopher: duplicated {k}-grams")
             break
@@ -316,14 +163,12 @@ def c4_rules(doc: Document) -> list[str]:
     """C4's line rules: keep only lines that end in terminal punctuation, have 3+ words and mention no javascript
     or policy boilerplate (the document is rewritten); drop documents with 'lorem ipsum', a curly brace, or fewer
     than 3 sentences left."""
-    text = doc.text
-    if "lorem ipsum" in text.lower():
+    if "lorem ipsum" in doc.text.lower():
         return ["c4: lorem ipsum"]
-    if "{" in text:
+    if "{" in doc.text:
         return ["c4: curly brace"]
-    kept = [line for line in (l.strip() for l in text.split("\n"))
-            if line.endswith(C4_TERMINAL_PUNCTUATION) and len(line.split()) >= C4_MIN_WORDS_PER_LINE
-            and not C4_JAVASCRIPT.search(line) and not C4_POLICY.search(line)]
+    kept = [line for line in (line.strip() for line in doc.text.split("\n")) if line.endswith(C4_TERMINAL_PUNCTUATION)
+            and len(line.split()) >= C4_MIN_WORDS_PER_LINE and not C4_BOILERPLATE.search(line)]
     if len(re.findall(r"[.!?](?:\s|$)", " ".join(kept))) < C4_MIN_SENTENCES:
         return ["c4: fewer than 3 sentences"]
     doc.text = "\n".join(kept)
@@ -331,20 +176,12 @@ def c4_rules(doc: Document) -> list[str]:
 
 
 def code_rules(text: str) -> list[str]:
-    lines = text.split("\n") or [""]
-    reasons = []
-    if sum(map(len, lines)) / len(lines) > CODE_MAX_MEAN_LINE_LENGTH:
-        reasons.append("code: mean line length")
-    if max(map(len, lines)) > CODE_MAX_LINE_LENGTH:
-        reasons.append("code: line over 1000 characters")
-    if sum(c.isalnum() for c in text) / max(1, len(text)) < CODE_MIN_ALNUM_FRACTION:
-        reasons.append("code: alphanumeric fraction")
-    if CODE_GENERATED.search(text[:2000]):
-        reasons.append("code: generated file")
-    if not text.strip():
-        reasons.append("code: empty")
-    return reasons
-
+    lines = text.split("\n")
+    failed = {"mean line length": sum(map(len, lines)) / len(lines) > CODE_MAX_MEAN_LINE_LENGTH,
+              "line over 1000 characters": max(map(len, lines)) > CODE_MAX_LINE_LENGTH,
+              "alphanumeric fraction": sum(c.isalnum() for c in text) / max(1, len(text)) < CODE_MIN_ALNUM_FRACTION,
+              "generated file": bool(CODE_GENERATED.search(text[:2000])), "empty": not text.strip()}
+    return [f"code: {rule}" for rule, bad in failed.items() if bad]
 
 # Language identification from scripts and stop words (a small, dependency-free stand-in for fastText's lid.176).
 STOP_WORDS = {
@@ -360,70 +197,154 @@ SCRIPTS = {"zh": (0x4E00, 0x9FFF), "ja": (0x3040, 0x30FF), "ko": (0xAC00, 0xD7AF
 def detect_language(text: str) -> str:
     """The language whose script covers most letters; among Latin-script languages, the most stop words."""
     letters = [c for c in text if c.isalpha()]
-    if not letters:
-        return "unknown"
     for lang, (lo, hi) in SCRIPTS.items():
-        if sum(lo <= ord(c) <= hi for c in letters) / len(letters) > 0.3:
+        if letters and sum(lo <= ord(c) <= hi for c in letters) / len(letters) > 0.3:
             return lang
     words = [w.lower().strip(".,;:!?()\"'") for w in text.split()]
     hits = {lang: sum(w in sw for w in words) for lang, sw in STOP_WORDS.items()}
     best = max(hits, key=hits.get)
-    return best if hits[best] >= max(2, 0.02 * len(words)) else "unknown"
+    return best if letters and hits[best] >= max(2, 0.02 * len(words)) else "unknown"
 
 
 def quality_check(languages: set[str] | None):
+    """check(doc) -> reasons: code rules for source files; language, Gopher and C4 rules for prose."""
     def check(doc: Document) -> list[str]:
         if doc.kind == "code":
             return code_rules(doc.text)
-        if languages:
-            lang = detect_language(doc.text)
-            if lang not in languages:
-                return [f"language: {lang}"]
+        lang = detect_language(doc.text) if languages else None
+        if languages and lang not in languages:
+            return [f"language: {lang}"]
         return gopher_quality(doc.text) or gopher_repetition(doc.text) or c4_rules(doc)
     return check
 
+# --- stage 3: model-based filters, trained on a high-quality reference ---------------------------------------
 
-# --- stage 3: model-based filter -------------------------------------------------
+DOCSTRING = re.compile(r'"""(.*?)"""', re.S)
+
+
+@functools.lru_cache(maxsize=1)
+def reference_texts(min_words: int = 20) -> tuple[str, ...]:
+    """High-quality text that every Python install carries (our stand-in for CCNet's Wikipedia): the Language
+    Reference (pydoc_data.topics, the text of the .rst documentation that help() shows) and the standard library's
+    docstrings (triple-quoted strings of 20+ words; the test suites left out)."""
+    from pydoc_data.topics import topics  # half a megabyte of text: loaded only when a reference is needed
+    texts, lib = list(topics.values()), Path(os.__file__).parent
+    for f in sorted(lib.rglob("*.py")):
+        if not {"test", "tests", "idle_test", "site-packages", "dist-packages"} & set(f.relative_to(lib).parts):
+            texts += [s for s in DOCSTRING.findall(f.read_text("utf-8", "replace")) if len(s.split()) >= min_words]
+    return tuple(texts)
 
 
 class CharNgramLM:
-    """A character (byte) n-gram language model with add-k smoothing, in numpy: the cheap cousin of CCNet's
-    KenLM filter. Trained on reference text, it gives each document a perplexity; text unlike the reference
+    """A character (byte) n-gram language model with add-k smoothing, in numpy: the cheap cousin of CCNet's KenLM
+    filter. Trained on reference text, it gives each document a perplexity; text unlike the reference
     (boilerplate, keyword lists, mangled encodings) scores high."""
 
     def __init__(self, order: int = 3, k: float = 0.01):
         self.order, self.k = order, k
-        self.context_bits = 8 * (order - 1)
 
     def _indices(self, text: str) -> np.ndarray:
+        """Every (context bytes, next byte) of the text as one integer."""
         b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-        if len(b) < self.order:
-            return np.zeros(0, dtype=np.int64)
-        idx = np.zeros(len(b) - self.order + 1, dtype=np.int64)
-        for j in range(self.order):  # (context bytes, next byte) as one integer
+        idx = np.zeros(max(0, len(b) - self.order + 1), dtype=np.int64)
+        for j in range(self.order if len(idx) else 0):
             idx = (idx << 8) | b[j: len(b) - self.order + 1 + j]
         return idx
 
-    def fit(self, texts, chunk_bytes: int = 1 << 23) -> "CharNgramLM":
-        size = 1 << (8 * self.order)
-        self.counts = np.zeros(size, dtype=np.int64)
-        batch, n = [], 0
-        for t in list(texts) + [None]:  # count n-grams a few MB at a time: one bincount per batch, not per text
-            if t is not None:
-                batch.append(self._indices(t))
-                n += len(batch[-1])
-            if batch and (t is None or n >= chunk_bytes):
-                self.counts += np.bincount(np.concatenate(batch), minlength=size)
-                batch, n = [], 0
+    def fit(self, texts) -> "CharNgramLM":
+        idx = np.concatenate([self._indices(t) for t in texts] + [np.zeros(0, dtype=np.int64)])
+        self.counts = np.bincount(idx, minlength=1 << (8 * self.order))
         self.context_counts = self.counts.reshape(-1, 256).sum(axis=1)
         return self
 
     def perplexity(self, text: str) -> float:
         idx = self._indices(text)
-        if len(idx) == 0:
-            return float("inf")
         p = (self.counts[idx] + self.k) / (self.context_counts[idx >> 8] + 256 * self.k)
-        return float(np.exp(-np.log(p).mean()))
+        return float(np.exp(-np.log(p).mean())) if len(idx) else float("inf")
+
+
+def perplexity_filter(docs: list[Document], reference: list[str], quantile: float) -> tuple[list[Document], str]:
+    """Keep prose no more perplexing than `quantile` of held-out reference documents, under a model of the
+    reference (never of the corpus itself, which would drop 1 - quantile of any corpus by construction). Every
+    document is scored; source files are judged by the code rules (a prose reference says little of them)."""
+    lm = CharNgramLM().fit(t for i, t in enumerate(reference) if i % 10)
+    cut = float(np.quantile([lm.perplexity(t) for t in reference[::10]], quantile))  # the held-out tenth
+    for d in docs:
+        d.scores["perplexity"] = lm.perplexity(d.text)
+    kept = [d for d in docs if d.kind == "code" or d.scores["perplexity"] <= cut]
+    return kept, f"perplexity > {cut:.1f} (q{quantile:g} of the reference)"
+
+
+class QualityClassifier(torch.nn.Module):
+    """fastText-style (Joulin et al. 2017): a text is the bag of its word and word-bigram features, hashed into
+    `buckets` and averaged, and one linear layer gives the logit of P(high quality)."""
+
+    def __init__(self, buckets: int = 1 << 14):
+        super().__init__()
+        self.buckets = buckets
+        self.linear = torch.nn.Linear(buckets, 1)
+
+    def features(self, texts: list[str]) -> torch.Tensor:
+        """(n_texts, buckets): the share of each text's features that falls into each bucket."""
+        x = np.zeros((len(texts), self.buckets), dtype=np.float32)
+        for i, t in enumerate(texts):
+            w = word_hashes(t)
+            with np.errstate(over="ignore"):
+                bigrams = w[:-1] * np.uint64(1_000_003) + w[1:] + np.uint64(1)
+            ids = (np.concatenate([w, bigrams]) % np.uint64(self.buckets)).astype(np.int64)
+            x[i] = np.bincount(ids, minlength=self.buckets) / max(1, len(ids))
+        return torch.from_numpy(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).squeeze(1)  # (n_texts,) logits
+
+    @torch.no_grad()
+    def score(self, texts: list[str], batch: int = 256) -> np.ndarray:
+        """P(high quality) of each text (a few hundred at a time: the features are dense)."""
+        return np.concatenate([torch.sigmoid(self(self.features(texts[i:i + batch]))).numpy()
+                               for i in range(0, len(texts), batch)] + [np.zeros(0, dtype=np.float32)])
+
+
+def chunks(texts, words: int = 100) -> list[str]:
+    """Texts cut into pieces of `words` words (20 at least), so that both classes are seen at the same lengths."""
+    split = [t.split() for t in texts]
+    return [" ".join(w[i:i + words]) for w in split for i in range(0, len(w), words) if len(w[i:i + words]) >= 20]
+
+
+def train_classifier(good: list[str], bad: list[str], steps: int = 30, seed: int = 0,
+                     ) -> tuple[QualityClassifier, float]:
+    """Train on 80 % of good (label 1) and bad (label 0) texts, full batch, Adam; return the model and its accuracy
+    on the held-out 20 %."""
+    torch.manual_seed(seed)
+    n = min(len(good), len(bad))  # balanced classes, so 0.5 is the threshold of a model that knows nothing
+    texts, labels = good[:n] + bad[:n], torch.tensor([1.0] * n + [0.0] * n)
+    order = torch.randperm(2 * n)
+    train, test = order[: int(1.6 * n)], order[int(1.6 * n):]
+    model = QualityClassifier()
+    x = model.features([texts[i] for i in train])
+    opt = torch.optim.Adam(model.parameters(), lr=0.2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(model(x), labels[train]).backward()
+        opt.step()
+    predicted = model.score([texts[i] for i in test]) >= 0.5
+    return model, float((predicted == labels[test].numpy().astype(bool)).mean())
+
+
+def classifier_filter(docs: list[Document], reference: list[str], threshold: float, seed: int = 0,
+                      samples: int = 1000) -> tuple[list[Document], str]:
+    """Train the classifier on reference text against random corpus documents, score every document, and drop the
+    prose below the threshold (source files, as above, are left to the code rules)."""
+    rng = random.Random(seed)
+    good, bad = chunks(reference), chunks(d.text for d in rng.sample(docs, min(samples, len(docs))))
+    if min(len(good), len(bad)) < 5:
+        return docs, "classifier: too little text to train on, nothing dropped"
+    model, accuracy = train_classifier(rng.sample(good, min(samples, len(good))),
+                                       rng.sample(bad, min(samples, len(bad))), seed=seed)
+    for d, s in zip(docs, model.score([d.text for d in docs])):
+        d.scores["quality"] = float(s)
+    kept = [d for d in docs if d.kind == "code" or d.scores["quality"] >= threshold]
+    return kept, f"classifier score < {threshold:g} (held-out accuracy {accuracy:.3f})"
 
 
 # --- stage 4: PII --------------------------------------------------------------------
@@ -440,59 +361,45 @@ CARD = re.compile(r"(?<![\d-])(?:\d{4}[ -]?){3}\d{1,7}(?![\d-])")
 
 def luhn_valid(number: str) -> bool:
     """The check digit of payment cards: double every second digit from the right, sum the digits, mod 10."""
-    digits = [int(c) for c in number if c.isdigit()]
-    if not 13 <= len(digits) <= 19:
-        return False
-    total = 0
-    for i, d in enumerate(reversed(digits)):
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
+    digits = [int(c) for c in number if c.isdigit()][::-1]
+    doubled = [d * 2 - 9 if d > 4 else d * 2 for d in digits[1::2]]
+    return 13 <= len(digits) <= 19 and (sum(digits[::2]) + sum(doubled)) % 10 == 0
+
+
+PII = [(EMAIL, "<EMAIL>", lambda s: True), (CARD, "<CARD>", luhn_valid), (IPV4, "<IP>", lambda s: True),
+       (IPV6, "<IP>", lambda s: any(c.isalpha() for c in s) or s.count(":") >= 7 or "::" in s),
+       (PHONE, "<PHONE>", lambda s: 7 <= sum(c.isdigit() for c in s) <= 15)]  # in this order: e-mails first
 
 
 def scrub_pii(text: str) -> tuple[str, collections.Counter]:
     """Replace e-mail addresses, card numbers (Luhn-valid), IP addresses and phone numbers by placeholders.
     Versions (3.11.7), dates (2024-01-15), ISBNs and prices stay: each pattern demands a shape they lack."""
     counts = collections.Counter()
-
-    def sub(pattern, tag, text, valid=lambda m: True):
-        def repl(m):
-            if not valid(m.group(0)):
-                return m.group(0)
-            counts[tag] += 1
-            return tag
-        return pattern.sub(repl, text)
-
-    text = sub(EMAIL, "<EMAIL>", text)
-    text = sub(CARD, "<CARD>", text, luhn_valid)
-    text = sub(IPV4, "<IP>", text)
-    text = sub(IPV6, "<IP>", text, lambda s: sum(c.isalpha() for c in s) > 0 or s.count(":") >= 7 or "::" in s)
-    text = sub(PHONE, "<PHONE>", text, lambda s: 7 <= sum(c.isdigit() for c in s) <= 15)
-    return text, counts
+    for pattern, tag, valid in PII:
+        def replace(m, tag=tag, valid=valid):
+            ok = valid(m.group(0))
+            counts[tag] += ok
+            return tag if ok else m.group(0)
+        text = pattern.sub(replace, text)
+    return text, +counts
 
 
 def load_blocklist(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).is_file():
         raise ValueError(f"--blocklist {path}: no such file")
-    return [w.strip().lower() for w in p.read_text(encoding="utf-8", errors="replace").splitlines() if w.strip()]
+    return [w.strip().lower() for w in Path(path).read_text("utf-8", "replace").splitlines() if w.strip()]
 
 
 def blocklist_check(words: list[str], max_share: float):
-    pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.I) if words else None
+    pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.I)
 
     def check(doc: Document) -> list[str]:
-        if pattern is None:
-            return []
-        n = max(1, len(doc.text.split()))
         hits = len(pattern.findall(doc.text))
-        return [f"blocklist: {hits} hits"] if hits and hits / n > max_share else []
+        return [f"blocklist: {hits} hits"] if hits and hits / max(1, len(doc.text.split())) > max_share else []
     return check
 
 
 # --- stage 5: exact dedup ----------------------------------------------------------
-
 
 def normalise(text: str) -> str:
     """What two copies of one document still share: Unicode NFKC, case folded, whitespace collapsed."""
@@ -502,13 +409,9 @@ def normalise(text: str) -> str:
 def exact_dedup(docs: list[Document]) -> tuple[list[Document], list[int]]:
     """Keep the first document of every normalised text; return the kept ones and, per document, the index of
     the one it duplicates (or its own index)."""
-    first, kept, owner = {}, [], []
-    for i, d in enumerate(docs):
-        h = hashlib.sha1(normalise(d.text).encode("utf-8")).digest()
-        owner.append(first.setdefault(h, i))
-        if owner[-1] == i:
-            kept.append(d)
-    return kept, owner
+    first = {}
+    owner = [first.setdefault(hashlib.sha1(normalise(d.text).encode("utf-8")).digest(), i) for i, d in enumerate(docs)]
+    return [d for i, d in enumerate(docs) if owner[i] == i], owner
 
 
 # --- stage 6: fuzzy dedup with MinHash and LSH ------------------------------------------
@@ -525,147 +428,108 @@ def shingles(text: str, ngram: int = 5) -> list[str]:
     return [" ".join(words[i:i + ngram]) for i in range(len(words) - ngram + 1)]
 
 
-def sha1_hash32(data: bytes) -> int:
-    """The first 4 bytes of SHA-1, little-endian: datasketch's default hash, for bit-identical signatures."""
-    return struct.unpack("<I", hashlib.sha1(data).digest()[:4])[0]
+def permutation_params(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) of num_perm permutations h -> (a·h + b) mod (2^61 - 1), drawn as datasketch draws them."""
+    gen = np.random.RandomState(seed)
+    ab = np.array([(gen.randint(1, MERSENNE_PRIME, dtype=np.uint64), gen.randint(0, MERSENNE_PRIME, dtype=np.uint64))
+                   for _ in range(num_perm)], dtype=np.uint64)
+    return ab[:, 0], ab[:, 1]
+
+
+def minhash(shingle_set: set[str], num_perm: int = 128, seed: int = 1) -> np.ndarray:
+    """Classic MinHash, the simplest correct version: hash each shingle with SHA-1, permute the hash num_perm times,
+    keep the minimum per permutation: P(two signatures agree at a position) = Jaccard(A, B). The product wraps
+    mod 2^64 in uint64 as in datasketch, so this equals datasketch.MinHash(scheme="legacy") bit for bit."""
+    a, b = permutation_params(num_perm, seed)
+    sig = np.full(num_perm, MAX_HASH, dtype=np.uint64)
+    for s in shingle_set:  # datasketch's hash: the first 4 bytes of SHA-1, little-endian
+        h = np.uint64(struct.unpack("<I", hashlib.sha1(s.encode("utf-8")).digest()[:4])[0])
+        with np.errstate(over="ignore"):
+            sig = np.minimum(sig, ((a * h + b) % np.uint64(MERSENNE_PRIME)) & np.uint64(MAX_HASH))
+    return sig
+
+
+_P = np.uint64(0x100000001B3)  # FNV's 64-bit prime; odd, so invertible modulo 2^64
+_P_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
+_LOWER = np.array([c + 32 if 65 <= c <= 90 else c for c in range(256)], dtype=np.uint64)
+_SPACE = np.isin(np.arange(256), [9, 10, 11, 12, 13, 32])
+_POWERS: dict[str, np.ndarray] = {}  # P^i and P^-i, computed once for the longest text so far
+
+
+def word_hashes(text: str) -> np.ndarray:
+    """A 32-bit hash of every word, all words of the text at once: words are runs of non-whitespace bytes (ASCII
+    whitespace and case), and word [s, e) hashes to Σ byte_i·P^(e-1-i) mod 2^64, read off prefix sums of
+    byte_i·P^-i as (S[e-1] - S[s-1])·P^(e-1)."""
+    b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    edges = np.diff(np.concatenate([[0], (~_SPACE[b]).astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    if not len(starts):
+        return np.zeros(0, dtype=np.uint64)
+    if len(_POWERS.get("pow", ())) < len(b):
+        m = max(len(b), 1 << 16)
+        with np.errstate(over="ignore"):
+            _POWERS["inv"] = np.cumprod(np.full(m, _P_INV, dtype=np.uint64)) * _P
+            _POWERS["pow"] = np.cumprod(np.full(m, _P, dtype=np.uint64)) * _P_INV
+    with np.errstate(over="ignore"):
+        S = np.cumsum((_LOWER[b] + np.uint64(1)) * _POWERS["inv"][: len(b)])
+        before = np.where(starts > 0, S[np.maximum(starts - 1, 0)], np.uint64(0))
+        h = (S[ends - 1] - before) * _POWERS["pow"][ends - 1]
+    return (h ^ (h >> np.uint64(32))) & np.uint64(MAX_HASH)
+
+
+def permute(h: np.ndarray, a, b) -> np.ndarray:
+    """(a·h + b) mod (2^61 - 1) on uint64 (the product wraps mod 2^64, as in datasketch), without a division:
+    2^61 ≡ 1 (mod p), so y ≡ (y >> 61) + (y & p), and one subtraction finishes the job."""
+    with np.errstate(over="ignore"):
+        y = h * a + b
+    y = (y >> np.uint64(61)) + (y & np.uint64(MERSENNE_PRIME))
+    return y - np.uint64(MERSENNE_PRIME) * (y >= np.uint64(MERSENNE_PRIME))
 
 
 class MinHasher:
-    """MinHash signatures for many documents at once; P(two signatures agree at a position) = Jaccard(A, B).
+    """The optimised MinHash, many documents at once: words hashed in array operations, a shingle's n word hashes
+    combined, and ONE permutation per shingle instead of num_perm: its value's low bits pick one of num_perm bins,
+    the rest is kept, the minimum per bin (one-permutation hashing, Li, Owen and Zhang 2012). Empty bins, in short
+    documents, are filled from their neighbours (densification, Shrivastava and Li 2014)."""
 
-    hash="sha1" is classic MinHash: each shingle hashed with SHA-1, then num_perm permutations
-    h -> (a·h + b) mod (2^61 - 1), truncated to 32 bits, with a and b drawn as datasketch draws them and numpy's
-    uint64 arithmetic (its overflow included), so signatures equal datasketch.MinHash(scheme="legacy") bit for bit.
-
-    hash="fast" hashes all words of a document in a few array operations (see word_hashes), combines a shingle's
-    n word hashes, and applies
-    ONE such permutation per shingle: its value's low bits pick one of num_perm bins and the rest is kept, the
-    minimum per bin (one-permutation hashing, Li, Owen and Zhang 2012). Empty bins, in documents with few shingles,
-    borrow a filled bin chosen by a fixed hash of the bin (optimal densification, Shrivastava 2017), the same choice
-    in every document, so matches stay Jaccard-distributed. Work per shingle: 1 permutation instead of num_perm."""
-
-    def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 1, hash: str = "fast"):
-        if hash not in ("fast", "sha1"):
-            raise ValueError(f"unknown hash {hash!r}: fast or sha1")
-        self.num_perm, self.ngram, self.hash = num_perm, ngram, hash
-        gen = np.random.RandomState(seed)
-        ab = np.array([(gen.randint(1, MERSENNE_PRIME, dtype=np.uint64), gen.randint(0, MERSENNE_PRIME, dtype=np.uint64))
-                       for _ in range(num_perm)], dtype=np.uint64)
-        self.a, self.b = ab[:, 0], ab[:, 1]
-        self.borrow = np.random.RandomState(seed + 1).randint(0, num_perm, size=(num_perm, 64))  # densification
+    def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 1):
+        self.num_perm, self.ngram = num_perm, ngram
+        a, b = permutation_params(1, seed)
+        self.a, self.b = a[0], b[0]
 
     def shingle_hashes(self, text: str) -> np.ndarray:
-        """32-bit hashes of the document's distinct shingles (uint64 array)."""
-        if self.hash == "sha1":
-            return np.array(sorted({sha1_hash32(s.encode("utf-8")) for s in shingles(text, self.ngram)}),
-                            dtype=np.uint64)
-        wh = self.word_hashes(text)
-        if not len(wh):
-            return np.zeros(0, dtype=np.uint64)
+        """32-bit hashes of the document's shingles, repeats included (they cannot change a minimum), uint64."""
+        wh = word_hashes(text)
         n = min(self.ngram, len(wh))
-        h = np.zeros(len(wh) - n + 1, dtype=np.uint64)
+        h = np.zeros(len(wh) - n + 1 if len(wh) else 0, dtype=np.uint64)
         with np.errstate(over="ignore"):
             for j in range(n):  # polynomial combination of the n word hashes, kept to 32 bits
                 h = (h * np.uint64(1_000_003) + wh[j: len(wh) - n + 1 + j]) & np.uint64(MAX_HASH)
-        return np.unique(h)
+        return h
 
-    _P = np.uint64(0x100000001B3)  # FNV's 64-bit prime; odd, so invertible modulo 2^64
-    _P_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
-    _LOWER = np.array([c + 32 if 65 <= c <= 90 else c for c in range(256)], dtype=np.uint64)
-    _SPACE = np.isin(np.arange(256), [9, 10, 11, 12, 13, 32])
-
-    def word_hashes(self, text: str) -> np.ndarray:
-        """A 32-bit hash of every word, all words of the text at once: words are runs of non-whitespace bytes
-        (ASCII whitespace and case), and word [s, e) hashes to Σ byte_i·P^(e-1-i) mod 2^64, read off prefix sums
-        of byte_i·P^-i as (S[e-1] - S[s-1])·P^(e-1)."""
-        b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-        if not len(b):
-            return np.zeros(0, dtype=np.uint64)
-        inside = ~self._SPACE[b]
-        edges = np.diff(np.concatenate([[0], inside.astype(np.int8), [0]]))
-        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-        if not len(starts):
-            return np.zeros(0, dtype=np.uint64)
-        if len(getattr(self, "_pow", ())) < len(b):  # P^i and P^-i, computed once for the longest text so far
-            with np.errstate(over="ignore"):
-                m = max(len(b), 1 << 16)
-                self._inv_pow = np.cumprod(np.full(m, self._P_INV, dtype=np.uint64)) * self._P
-                self._pow = np.cumprod(np.full(m, self._P, dtype=np.uint64)) * self._P_INV
-        inv_pow, pow_ = self._inv_pow[: len(b)], self._pow
-        with np.errstate(over="ignore"):
-            S = np.cumsum((self._LOWER[b] + np.uint64(1)) * inv_pow)
-            before = np.where(starts > 0, S[np.maximum(starts - 1, 0)], np.uint64(0))
-            h = (S[ends - 1] - before) * pow_[ends - 1]
-        return (h ^ (h >> np.uint64(32))) & np.uint64(MAX_HASH)
-
-    @staticmethod
-    def permute(h: np.ndarray, a, b) -> np.ndarray:
-        """(a·h + b) mod (2^61 - 1) on uint64 (the product wraps mod 2^64, as in datasketch), without a division:
-        2^61 ≡ 1 (mod p), so y ≡ (y >> 61) + (y & p), and one subtraction finishes the job."""
-        with np.errstate(over="ignore"):
-            y = h * a + b
-        y = (y >> np.uint64(61)) + (y & np.uint64(MERSENNE_PRIME))
-        return y - np.uint64(MERSENNE_PRIME) * (y >= np.uint64(MERSENNE_PRIME))
-
-    def signatures(self, texts: list[str], chunk: int = 1 << 16) -> np.ndarray:
+    def signatures(self, texts: list[str]) -> np.ndarray:
         """(n_docs, num_perm) uint64 signatures; a document without shingles gets all MAX_HASH."""
-        hashes = [self.shingle_hashes(t) for t in texts]
-        if self.hash == "fast":
-            return self._one_permutation(hashes)
-        out = np.full((len(texts), self.num_perm), MAX_HASH, dtype=np.uint64)
-        i = 0
-        while i < len(texts):  # permute a block of documents' shingles in one array operation
-            j, total = i, 0
-            while j < len(texts) and (total == 0 or total + len(hashes[j]) <= chunk):
-                total += len(hashes[j])
-                j += 1
-            sizes = np.array([len(h) for h in hashes[i:j]])
-            if sizes.sum():
-                phv = self.permute(np.concatenate(hashes[i:j])[:, None], self.a[None, :], self.b[None, :]) \
-                    & np.uint64(MAX_HASH)  # (shingles, num_perm)
-                starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-                nonempty = sizes > 0
-                out[np.arange(i, j)[nonempty]] = np.minimum.reduceat(phv, starts[nonempty], axis=0)
-            i = j
+        k, hashes = self.num_perm, [self.shingle_hashes(t) for t in texts]
+        out = np.full((len(texts), k), MAX_HASH, dtype=np.uint64)
+        sizes = np.array([len(h) for h in hashes], dtype=np.int64)
+        if sizes.sum():
+            v = permute(np.concatenate(hashes), self.a, self.b)
+            doc = np.repeat(np.arange(len(texts), dtype=np.uint64), sizes)
+            bin_, val = v % np.uint64(k), (v // np.uint64(k)) & np.uint64(MAX_HASH)
+            np.minimum.at(out.reshape(-1), (doc * np.uint64(k) + bin_).astype(np.int64), val)  # min per (doc, bin)
+        for row in np.flatnonzero((out == MAX_HASH).any(axis=1) & (sizes > 0)):
+            self.densify(out[row])
         return out
 
-    def _one_permutation(self, hashes: list[np.ndarray]) -> np.ndarray:
-        k = self.num_perm
-        out = np.full((len(hashes), k), MAX_HASH, dtype=np.uint64)
-        sizes = np.array([len(h) for h in hashes])
-        if sizes.sum() == 0:
-            return out
-        v = self.permute(np.concatenate(hashes), self.a[0], self.b[0])
-        doc = np.repeat(np.arange(len(hashes), dtype=np.uint64), sizes)
-        bin_, val = v % np.uint64(k), (v // np.uint64(k)) & np.uint64(MAX_HASH)
-        np.minimum.at(out.reshape(-1), (doc * np.uint64(k) + bin_).astype(np.int64), val)  # min per (doc, bin)
-        for row in np.flatnonzero((out == MAX_HASH).any(axis=1) & (sizes > 0)):  # densify the empty bins
-            sig = out[row]
-            filled = sig != MAX_HASH
-            empty = np.flatnonzero(~filled)
-            for t in range(self.borrow.shape[1]):
-                src = self.borrow[empty, t]
-                ok = filled[src]
-                sig[empty[ok]] = sig[src[ok]]  # values of originally filled bins only
-                empty = empty[~ok]
-                if not len(empty):
-                    break
-            else:  # 64 unlucky draws: take the first filled bin
-                sig[empty] = sig[np.flatnonzero(filled)[0]]
-        return out
+    def densify(self, sig: np.ndarray) -> None:
+        """Fill the empty bins of one signature in place: each takes the value of the next filled bin to its right,
+        circularly (rotation densification), so two documents fill a bin alike exactly when they agree nearby."""
+        filled = np.flatnonzero(sig != MAX_HASH)
+        sig[:] = sig[filled[np.searchsorted(filled, np.arange(len(sig))) % len(filled)]]
 
 
 def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     return float(np.mean(sig_a == sig_b))
-
-
-def _integrate(f, lo: float, hi: float, n: int = 2000) -> float:
-    """Simpson's rule: accurate to ~1e-12 for these smooth polynomials, so the optimum matches scipy's quad."""
-    if hi <= lo:
-        return 0.0
-    x = np.linspace(lo, hi, 2 * n + 1)
-    y = f(x)
-    return float((hi - lo) / (6 * n) * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum()))
 
 
 def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
@@ -675,11 +539,14 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weigh
         raise ValueError(f"threshold {threshold} must lie strictly between 0 and 1")
     if num_perm < 2:
         raise ValueError(f"num_perm {num_perm} is too small for banding: use 64 or more")
+    def integrate(f, lo, hi, n=2000):  # Simpson's rule: ~1e-12 here, so the optimum matches scipy's quad
+        y = f(np.linspace(lo, hi, 2 * n + 1))
+        return (hi - lo) / (6 * n) * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum())
     best, opt = float("inf"), (0, 0)
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):
-            fp = _integrate(lambda s: 1 - (1 - s ** r) ** b, 0.0, threshold)
-            fn = _integrate(lambda s: (1 - s ** r) ** b, threshold, 1.0)
+            fp = integrate(lambda s: 1 - (1 - s ** r) ** b, 0.0, threshold)
+            fn = integrate(lambda s: (1 - s ** r) ** b, threshold, 1.0)
             err = fp_weight * fp + fn_weight * fn
             if err < best:
                 best, opt = err, (b, r)
@@ -687,15 +554,12 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weigh
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """(n_docs, bands) 64-bit bucket keys: band i of a signature hashed with the band number."""
-    n = len(sigs)
-    keys = np.zeros((n, bands), dtype=np.uint64)
+    """(n_docs, bands) 64-bit bucket keys: the rows of band i hashed together, seeded with the band number."""
+    banded = sigs[:, : bands * rows].reshape(len(sigs), bands, rows)  # (n_docs, bands, rows)
+    keys = np.tile(np.arange(1, bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15), (len(sigs), 1))
     with np.errstate(over="ignore"):
-        for i in range(bands):
-            k = np.full(n, np.uint64(i + 1) * np.uint64(0x9E3779B97F4A7C15), dtype=np.uint64)
-            for j in range(rows):
-                k = (k ^ sigs[:, i * rows + j]) * np.uint64(0x100000001B3)
-            keys[:, i] = k
+        for j in range(rows):
+            keys = (keys ^ banded[:, :, j]) * np.uint64(0x100000001B3)
     return keys
 
 
@@ -748,230 +612,184 @@ def clusters_from_pairs(n: int, pairs, sigs: np.ndarray | None, threshold: float
 
 
 def fuzzy_dedup(texts: list[str], threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, verify: bool = True,
-                hash: str = "fast", seed: int = 1, group=None, fn_weight: float = 0.9) -> tuple[np.ndarray, list[list[int]]]:
+                seed: int = 1, group=None, fn_weight: float = 0.9) -> tuple[np.ndarray, list[list[int]]]:
     """Near-duplicate removal: MinHash signatures, LSH banding into buckets, candidate pairs (optionally verified
     by their estimated Jaccard), union-find into clusters; the first document of each cluster is kept.
-
     Verification throws false candidates out cheaply, so the bands are chosen to miss few true pairs: fn_weight
     0.9 (with the even 0.5/0.5 split, a pair at Jaccard 0.85 becomes a candidate only 69 % of the time).
 
-    Inside a process group of N ranks: rank r signs documents r, r+N, ...; each (band, bucket key) goes to rank
-    key mod N in one all-to-all, so every rank finds the candidates of its own buckets; the pairs are then shared
-    and every rank builds the same clusters. The result equals the single-process one."""
+    In a process group of N ranks, rank r signs documents r, r+N, ... (signing is most of the work) and one
+    all-gather gives every rank every signature; each then bands and clusters them alike, so all ranks return the
+    single-process result."""
     bands, rows = lsh_params(threshold, num_perm, 1 - fn_weight, fn_weight)
-    hasher = MinHasher(num_perm, ngram, seed, hash)
+    hasher = MinHasher(num_perm, ngram, seed)
     n_ranks = dist.get_world_size(group) if dist.is_initialized() else 1
     if n_ranks == 1:
         sigs = hasher.signatures(texts)
-        signed = np.flatnonzero((sigs != MAX_HASH).any(axis=1))  # an empty document has no shingles: never a match
-        pairs = candidate_pairs(band_keys(sigs[signed], bands, rows), signed)
-        return clusters_from_pairs(len(texts), pairs, sigs if verify else None, threshold)
-    rank = dist.get_rank(group)
-    mine = np.arange(rank, len(texts), n_ranks)
-    my_sigs = hasher.signatures([texts[i] for i in mine])
-    all_mine, signed = mine, (my_sigs != MAX_HASH).any(axis=1)
-    mine, keys = mine[signed], band_keys(my_sigs[signed], bands, rows)
-    # one row per (document, band): [band, key, document], sent to the rank that owns the key
-    rows_out = np.stack([np.repeat(np.arange(bands, dtype=np.uint64)[None, :], len(mine), 0).ravel(),
-                         keys.ravel(), np.repeat(mine.astype(np.uint64), bands)], axis=1) if len(mine) else \
-        np.zeros((0, 3), dtype=np.uint64)
-    dest = (rows_out[:, 1] % np.uint64(n_ranks)).astype(np.int64)
-    order = np.argsort(dest, kind="stable")
-    send = torch.from_numpy(rows_out[order].view(np.int64).copy())
-    send_counts = torch.tensor(np.bincount(dest, minlength=n_ranks), dtype=torch.int64)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=group)
-    recv = torch.empty((int(recv_counts.sum()), 3), dtype=torch.int64)
-    dist.all_to_all_single(recv, send, [int(c) for c in recv_counts], [int(c) for c in send_counts], group=group)
-    got = recv.numpy().view(np.uint64)
-    pairs = set()
-    for band in np.unique(got[:, 0]):  # buckets are per band: a key only meets the same band's keys
-        sel = got[got[:, 0] == band]
-        pairs |= candidate_pairs(sel[:, 1:2], sel[:, 2].astype(np.int64))
-    # signatures and pairs to everyone: every rank can then verify and build the same clusters
-    all_sigs = np.zeros((len(texts), num_perm), dtype=np.uint64)
-    parts = [None] * n_ranks
-    dist.all_gather_object(parts, (all_mine, my_sigs, sorted(pairs)))
-    all_pairs = set()
-    for idx, s, p in parts:
-        all_sigs[idx] = s
-        all_pairs.update(map(tuple, p))
-    return clusters_from_pairs(len(texts), all_pairs, all_sigs if verify else None, threshold)
+    else:
+        mine = np.arange(dist.get_rank(group), len(texts), n_ranks)
+        local = torch.from_numpy(hasher.signatures([texts[i] for i in mine]).view(np.int64))  # (len(mine), num_perm)
+        padded = torch.zeros((-(-len(texts) // n_ranks), num_perm), dtype=torch.int64)  # equal shapes to gather
+        padded[: len(mine)] = local
+        parts = [torch.empty_like(padded) for _ in range(n_ranks)]
+        dist.all_gather(parts, padded, group=group)
+        sigs = np.zeros((len(texts), num_perm), dtype=np.uint64)
+        for r, part in enumerate(parts):
+            sigs[r::n_ranks] = part[: len(range(r, len(texts), n_ranks))].numpy().view(np.uint64)
+    signed = np.flatnonzero((sigs != MAX_HASH).any(axis=1))  # an empty document has no shingles: never a match
+    pairs = candidate_pairs(band_keys(sigs[signed], bands, rows), signed)
+    return clusters_from_pairs(len(texts), pairs, sigs if verify else None, threshold)
 
 
-# --- mixing, curricula, post-training data ------------------------------------------------
+# --- demo: documents, the pipeline and its funnel -------------------------------------------------------------------
 
-# Published mixtures (sampling weights of the training tokens):
-MIXTURE_PRESETS = {
-    # GPT-3, Brown et al. 2020, table 2.2
-    "gpt3": {"common_crawl": 0.60, "webtext2": 0.22, "books1": 0.08, "books2": 0.08, "wikipedia": 0.03},
-    # LLaMA, Touvron et al. 2023, table 1
-    "llama": {"common_crawl": 0.670, "c4": 0.150, "github": 0.045, "wikipedia": 0.045, "books": 0.045,
-              "arxiv": 0.025, "stack_exchange": 0.020},
-    # DeepSeek-Coder, Guo et al. 2024, section 2: 87 % code, 10 % code-related English, 3 % Chinese
-    "deepseek-coder": {"code": 0.87, "code_related_english": 0.10, "chinese": 0.03},
-}
-MAX_USEFUL_EPOCHS = 4  # Muennighoff et al. 2023: up to ~4 epochs of repeated data are almost as good as new data
+@dataclass
+class Document:
+    id: str
+    source: str  # file (and line, for JSONL)
+    text: str
+    kind: str = "prose"  # "code" for source files: they get code rules instead of prose rules
+    scores: dict = field(default_factory=dict)  # what the model filters measured: perplexity, quality
 
 
-def plan_mixture(sources: dict[str, float], weights: dict[str, float], total_tokens: float) -> dict:
-    """Tokens to take from each source (available tokens in `sources`) for a run of total_tokens with the given
-    sampling weights; a source whose share exceeds what it holds is repeated (upsampled): its epochs > 1."""
-    if set(weights) - set(sources):
-        raise ValueError(f"weights for unknown sources {sorted(set(weights) - set(sources))}: add them with --source")
-    s = sum(weights.values())
-    if s <= 0:
-        raise ValueError("the mixture weights must add up to more than 0")
-    plan, warnings = {}, []
-    for name, w in weights.items():
-        take = total_tokens * w / s
-        epochs = take / sources[name] if sources[name] else float("inf")
-        plan[name] = {"weight": w / s, "available": sources[name], "tokens": take, "epochs": epochs}
-        if epochs > MAX_USEFUL_EPOCHS:
-            warnings.append(f"{name}: {epochs:.1f} epochs, past the ~{MAX_USEFUL_EPOCHS} after which repeated data "
-                            f"stops paying (lower its weight or find more of it)")
-    return {"total_tokens": total_tokens, "sources": plan, "warnings": warnings}
+@dataclass
+class StageReport:
+    stage: str
+    docs_in: int
+    docs_out: int
+    mb_out: float
+    reasons: collections.Counter = field(default_factory=collections.Counter)
+    seconds: float = 0.0
 
 
-def plan_curriculum(docs: list[Document], scores: list[float], total_tokens: float,
-                    stages: tuple = (("general", 0.6), ("high-quality", 0.25), ("code-and-math", 0.12),
-                                     ("annealing", 0.03))) -> list[dict]:
-    """Order the training tokens in stages: general data first, then more of the high-quality part, then more
-    code and math, and last an annealing stage (1-5 % of the tokens) on the highest-quality subset only, for the
-    decay phase of a WSD learning-rate schedule. `scores` rank quality (lower = better, e.g. perplexity)."""
-    if not 0.01 <= stages[-1][1] <= 0.05:
-        raise ValueError("the annealing stage should hold 1-5 % of the tokens")
-    order = np.argsort(scores)
-    best = [docs[i] for i in order[: max(1, len(order) // 10)]]  # the top decile
-    high = [docs[i] for i in order[: max(1, len(order) // 3)]]
-    code_math = [d for d in docs if d.kind == "code" or re.search(r"\\(frac|sum|int)|\$[^$]+\$", d.text)] or docs
-    pools = {"general": docs, "high-quality": high, "code-and-math": code_math, "annealing": best}
-    plan = []
-    for name, share in stages:
-        pool = pools[name]
-        pool_tokens = sum(len(d.text.encode("utf-8")) for d in pool)
-        plan.append({"stage": name, "share": share, "tokens": total_tokens * share, "docs": len(pool),
-                     "epochs": total_tokens * share / max(1, pool_tokens), "pool": pool})
-    return plan
+TEXT_SUFFIXES = {".html", ".htm", ".txt", ".md", ".py", ".jsonl"}
 
 
-def write_curriculum(plan: list[dict], out_dir: str) -> list[str]:
-    """One JSONL shard per stage, each record tagged with its stage (`stage_00_general.jsonl`, ...)."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, stage in enumerate(plan):
-        path = Path(out_dir) / f"stage_{i:02d}_{stage['stage']}.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for d in stage["pool"]:
-                f.write(json.dumps({"id": d.id, "source": d.source, "stage": stage["stage"], "text": d.text}) + "\n")
-        paths.append(str(path))
-    return paths
+def read_documents(inputs: list[str], problems: collections.Counter, examples: dict) -> list[Document]:
+    """Every readable document under the inputs (third-party site-packages left out). Binary files, bad UTF-8 and
+    malformed JSONL lines are counted in `problems` (an example location in `examples`), never dropped silently."""
+    files = []
+    for p in map(Path, inputs):
+        if not p.exists():
+            raise ValueError(f"input {p}: no such file or folder")
+        files += [p] if p.is_file() else sorted(  # third-party packages are not part of a folder's documents
+            f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES
+            and not {"site-packages", "dist-packages"} & set(f.relative_to(p).parts))
+    docs = []
+    for f in files:
+        for where, text, why in read_file(f):
+            if why:
+                problems[why] += 1
+                examples.setdefault(why, where)
+            else:
+                docs.append(Document(f"doc{len(docs):07d}", where, text, "code" if f.suffix == ".py" else "prose"))
+    return docs
 
 
-def validate_sft(record: dict) -> list[str]:
-    """Problems of an instruction-tuning record {instruction, input (optional), output}."""
-    problems = [f"missing {k}" for k in ("instruction", "output") if k not in record]
-    problems += [f"empty {k}" for k in ("instruction", "output") if k in record and not str(record[k]).strip()]
-    problems += [f"{k} is not text" for k in ("instruction", "input", "output") if k in record and not isinstance(record[k], str)]
-    return problems
+def read_file(f: Path) -> list[tuple[str, str, str | None]]:
+    """(where, text, problem or None) for each document of one file: a JSONL line is a document, a file otherwise."""
+    try:
+        raw = f.read_bytes()
+    except OSError as e:
+        return [(f"{f}: {e.strerror}", "", "unreadable file")]
+    if b"\x00" in raw[:8192]:
+        return [(str(f), "", "binary file")]
+    if f.suffix != ".jsonl":
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return [(f"{f} (byte {e.start})", "", "bad utf-8")]
+        return [(str(f), extract_text(text) if f.suffix in (".html", ".htm") else text, None)]
+    out = []
+    for i, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line.decode("utf-8"))["text"]
+            why = None if isinstance(text, str) else "malformed jsonl line"
+        except UnicodeDecodeError:
+            why = "bad utf-8"
+        except (json.JSONDecodeError, KeyError, TypeError):
+            why = "malformed jsonl line"
+        out.append((f"{f}:{i}", "" if why else text, why))
+    return out
 
 
-def validate_preference(record: dict) -> list[str]:
-    """Problems of a preference record {prompt, chosen, rejected} (the DPO / reward-model format)."""
-    problems = [f"missing {k}" for k in ("prompt", "chosen", "rejected") if k not in record]
-    problems += [f"empty {k}" for k in ("prompt", "chosen", "rejected") if k in record and not str(record[k]).strip()]
-    if not problems and record["chosen"].strip() == record["rejected"].strip():
-        problems.append("chosen equals rejected")
-    return problems
+def default_inputs() -> list[str]:
+    """Python's standard library source tree: real documents with real duplicates (vendored copies, tests)."""
+    return [str(Path(os.__file__).parent)]
 
 
-def to_chat(record: dict) -> list[dict]:
-    """An SFT record as role/content messages: the instruction (and its input) from the user, the output from the
-    assistant."""
-    if validate_sft(record):
-        raise ValueError(f"not a valid SFT record: {', '.join(validate_sft(record))}")
-    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input", "").strip() else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+def mb(docs) -> float:
+    return sum(len(d.text.encode("utf-8")) for d in docs) / 1e6
 
 
-def post_training_stats(records: list[dict], kind: str) -> dict:
-    """Counts, problems, exact duplicates and lengths (characters) of SFT or preference records."""
-    validate = validate_sft if kind == "sft" else validate_preference
-    problems = collections.Counter(p for r in records for p in validate(r))
-    keys = [json.dumps(r, sort_keys=True) for r in records]
-    field_name = "output" if kind == "sft" else "chosen"
-    lengths = [len(r.get(field_name, "")) for r in records if isinstance(r.get(field_name, ""), str)]
-    return {"records": len(records), "valid": sum(not validate(r) for r in records), "problems": dict(problems),
-            "duplicates": len(keys) - len(set(keys)),
-            "mean_length": float(np.mean(lengths)) if lengths else 0.0, "max_length": max(lengths, default=0)}
+def run_filter(stage: str, docs: list[Document], check) -> tuple[list[Document], StageReport]:
+    """Apply check(doc) -> list of reasons (empty: keep); may also rewrite doc.text. Records the funnel row."""
+    t0, kept, reasons = time.perf_counter(), [], collections.Counter()
+    for i, d in enumerate(docs, 1):
+        why = check(d)
+        reasons.update(why)
+        if not why:
+            kept.append(d)
+        if sys.stderr.isatty() and (i % 500 == 0 or i == len(docs)):  # progress, on a terminal only
+            sys.stderr.write(f"\r{stage:<10} {i}/{len(docs)} docs" + ("\n" if i == len(docs) else ""))
+    return kept, StageReport(stage, len(docs), len(kept), mb(kept), reasons, time.perf_counter() - t0)
 
 
-def chinchilla_tokens(n_params: float) -> float:
-    """Compute-optimal training tokens, about 20 per parameter (Hoffmann et al. 2022)."""
-    return 20.0 * n_params
-
-
-# --- the pipeline -------------------------------------------------------------------------
-
-STAGES = ("quality", "model", "pii", "blocklist", "exact", "fuzzy")
-
-
-def run_pipeline(inputs: list[str], skip=(), languages=None, reference: str | None = None, ppl_quantile: float = 0.9,
-                 blocklist: list[str] | None = None, blocklist_share: float = 0.01, threshold: float = 0.8,
-                 num_perm: int = 128, ngram: int = 5) -> tuple[list[Document], list[StageReport], dict]:
-    """Read, then each stage in turn; returns the surviving documents, the funnel and the problems' examples."""
-    problems, examples = collections.Counter(), {}
+def timed_stage(stage: str, docs: list[Document], run) -> tuple[list[Document], StageReport]:
+    """run(docs) -> (kept, reason): the funnel row of a stage that scores or groups all documents at once."""
     t0 = time.perf_counter()
+    kept, reason = run(docs)
+    reasons = collections.Counter({reason: len(docs) - len(kept)})  # even 0: the reason may carry a measurement
+    return kept, StageReport(stage, len(docs), len(kept), mb(kept), reasons, time.perf_counter() - t0)
+
+
+STAGES = ("quality", "perplexity", "classifier", "pii", "blocklist", "exact", "fuzzy")
+
+
+def run_pipeline(inputs: list[str], skip=(), languages=None, reference: str | None = None, ppl_quantile: float = 0.99,
+                 classifier_threshold: float = 0.5, blocklist: list[str] | None = None, blocklist_share: float = 0.01,
+                 threshold: float = 0.8, num_perm: int = 128, ngram: int = 5,
+                 ) -> tuple[list[Document], list[StageReport], dict]:
+    """Read, then each stage in turn; returns the surviving documents, the funnel and the problems' examples."""
+    problems, examples, t0 = collections.Counter(), {}, time.perf_counter()
     docs = read_documents(inputs, problems, examples)
     report = [StageReport("read", len(docs) + sum(problems.values()), len(docs), mb(docs), problems,
                           time.perf_counter() - t0)]
-    if "quality" not in skip:
-        docs, r = run_filter("quality", docs, quality_check(set(languages) if languages else None))
-        report.append(r)
-    if "model" not in skip and docs:
-        t0 = time.perf_counter()
-        ref_texts = [d.text for d in docs] if reference is None else \
-            [d.text for d in read_documents([reference], collections.Counter(), {})]
-        lm = CharNgramLM().fit(ref_texts)
-        ppl = np.array([lm.perplexity(d.text) for d in docs])
-        cut = float(np.quantile(ppl, ppl_quantile))
-        kept = [d for d, p in zip(docs, ppl) if p <= cut]
-        report.append(StageReport("model", len(docs), len(kept), mb(kept),
-                                  collections.Counter({f"perplexity > {cut:.1f} (q{ppl_quantile:g})": len(docs) - len(kept)}),
-                                  time.perf_counter() - t0))
-        docs = kept
-    if "pii" not in skip:
-        found = collections.Counter()
 
-        def scrub(d):
-            d.text, counts = scrub_pii(d.text)
-            found.update(counts)
-            return []
-        docs, r = run_filter("pii", docs, scrub)
-        r.reasons = collections.Counter({f"replaced {k}": v for k, v in found.items()})  # rewritten, not removed
-        report.append(r)
-    if "blocklist" not in skip and blocklist:
-        docs, r = run_filter("blocklist", docs, blocklist_check(blocklist, blocklist_share))
-        report.append(r)
-    if "exact" not in skip:
-        t0 = time.perf_counter()
-        kept, owner = exact_dedup(docs)
-        report.append(StageReport("exact", len(docs), len(kept), mb(kept),
-                                  collections.Counter({"exact duplicate": len(docs) - len(kept)}), time.perf_counter() - t0))
-        docs = kept
-    if "fuzzy" not in skip and docs:
-        t0 = time.perf_counter()
-        keep, clusters = fuzzy_dedup([d.text for d in docs], threshold, num_perm, ngram)
-        kept = [d for d, k in zip(docs, keep) if k]
-        report.append(StageReport("fuzzy", len(docs), len(kept), mb(kept),
-                                  collections.Counter({f"near-duplicate (Jaccard >= {threshold})": len(docs) - len(kept)}),
-                                  time.perf_counter() - t0))
-        docs = kept
+    def ref() -> list[str]:  # read only if a model filter runs
+        return list(reference_texts()) if reference is None else \
+            [d.text for d in read_documents([reference], collections.Counter(), {})]
+    pii = collections.Counter()
+
+    def scrub(doc: Document) -> list[str]:  # PII is rewritten, not removed: the row counts the replacements
+        doc.text, found = scrub_pii(doc.text)
+        pii.update({f"replaced {k}": v for k, v in found.items()})
+        return []
+    stages = {  # each reads `docs` when it runs: the survivors of the stage before
+        "quality": lambda: run_filter("quality", docs, quality_check(set(languages) if languages else None)),
+        "perplexity": lambda: timed_stage("perplexity", docs, lambda d: perplexity_filter(d, ref(), ppl_quantile)),
+        "classifier": lambda: timed_stage("classifier", docs,
+                                          lambda d: classifier_filter(d, ref(), classifier_threshold)),
+        "pii": lambda: run_filter("pii", docs, scrub),
+        "blocklist": lambda: run_filter("blocklist", docs, blocklist_check(blocklist, blocklist_share)),
+        "exact": lambda: timed_stage("exact", docs, lambda d: (exact_dedup(d)[0], "exact duplicate")),
+        "fuzzy": lambda: timed_stage("fuzzy", docs, lambda d: (
+            [x for x, k in zip(d, fuzzy_dedup([x.text for x in d], threshold, num_perm, ngram)[0]) if k],
+            f"near-duplicate (Jaccard >= {threshold})"))}
+    for name in STAGES:
+        if name not in skip and docs and (name != "blocklist" or blocklist):
+            docs, row = stages[name]()
+            if name == "pii":
+                row.reasons = pii
+            report.append(row)
     return docs, report, examples
 
 
 def print_funnel(report: list[StageReport], examples: dict) -> None:
-    print(f"{'stage':<10} | {'docs in':>8} | {'docs out':>8} | {'MB out':>8} | {'time':>7} | {'docs/s':>8} | top reasons")
+    print(f"{'stage':<10} | {'docs in':>8} | {'docs out':>8} | {'MB out':>8} | {'time':>7} | {'docs/s':>8} | "
+          "top reasons")
     for r in report:
         top = ", ".join(f"{k} ({v})" for k, v in r.reasons.most_common(3)) or "-"
         rate = r.docs_in / r.seconds if r.seconds > 0 else float("inf")
@@ -986,99 +804,67 @@ def print_funnel(report: list[StageReport], examples: dict) -> None:
 def write_output(docs: list[Document], report: list[StageReport], examples: dict, output: str) -> None:
     with open(output, "w", encoding="utf-8") as f:
         for d in docs:
-            f.write(json.dumps({"id": d.id, "source": d.source, "text": d.text}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"id": d.id, "source": d.source, "text": d.text, **d.scores}, ensure_ascii=False) + "\n")
     stats = {"stages": [{"stage": r.stage, "docs_in": r.docs_in, "docs_out": r.docs_out, "mb_out": r.mb_out,
                          "seconds": r.seconds, "reasons": dict(r.reasons)} for r in report], "examples": examples}
     Path(output).with_name("stats.json").write_text(json.dumps(stats, indent=1))
 
 
-def parse_pairs(items: list[str], flag: str, convert=str) -> dict:
-    out = {}
-    for item in ",".join(items).split(","):
-        if not item:
-            continue
-        if "=" not in item:
-            raise ValueError(f"{flag} {item}: write name=value")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = convert(v)
-        except ValueError:
-            raise ValueError(f"{flag} {item}: {v!r} is not a number") from None
-    return out
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("inputs", nargs="*", help="files or folders (.html .htm .txt .md .py .jsonl); default: the stdlib")
+    add("--output", default="clean.jsonl", help="where the clean documents go (JSONL), with stats.json beside it")
+    add("--skip", action="append", default=[], choices=STAGES, help="switch a stage off (repeatable)")
+    add("--languages", help="keep prose in these languages, e.g. en,zh")
+    add("--reference", help="high-quality text the model filters learn from (default: the documentation and "
+                            "docstrings of Python's standard library)")
+    add("--ppl-quantile", type=float, default=0.99,
+        help="drop prose more perplexing than this quantile of held-out reference text")
+    add("--classifier-threshold", type=float, default=0.5,
+        help="drop prose whose classifier score P(high quality) is below this (0 means keep all)")
+    add("--blocklist", help="a file of blocked words or phrases, one per line")
+    add("--blocklist-share", type=float, default=0.01,
+        help="drop a document when blocked words exceed this share of its words (0 means one hit is enough)")
+    add("--threshold", type=float, default=0.8, help="fuzzy dedup: Jaccard similarity of duplicates")
+    add("--num-perm", type=int, default=128, help="fuzzy dedup: MinHash values per document")
+    add("--ngram", type=int, default=5, help="fuzzy dedup: words per shingle")
+    return parser
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("inputs", nargs="*", help="files or folders (.html .htm .txt .md .py .jsonl); default: the stdlib")
-    p.add_argument("--output", default="clean.jsonl")
-    p.add_argument("--skip", action="append", default=[], choices=STAGES, help="switch a stage off (repeatable)")
-    p.add_argument("--languages", help="keep prose in these languages, e.g. en,zh")
-    p.add_argument("--reference", help="text the perplexity model learns from (default: what passed the rules)")
-    p.add_argument("--ppl-quantile", type=float, default=0.9, help="drop documents above this perplexity quantile")
-    p.add_argument("--blocklist", help="a file of blocked words or phrases, one per line")
-    p.add_argument("--blocklist-share", type=float, default=0.01)
-    p.add_argument("--threshold", type=float, default=0.8, help="fuzzy dedup: Jaccard similarity of duplicates")
-    p.add_argument("--num-perm", type=int, default=128)
-    p.add_argument("--ngram", type=int, default=5)
-    p.add_argument("--plan", action="store_true", help="print the token plan for --params and --tokens")
-    p.add_argument("--params", type=float, default=7e9)
-    p.add_argument("--tokens", type=float, default=2e12)
-    p.add_argument("--mix", action="append", default=[], help="name=weight,... or a preset: " + ", ".join(MIXTURE_PRESETS))
-    p.add_argument("--source", action="append", default=[], help="name=PATH of a source for --mix")
-    p.add_argument("--curriculum", metavar="DIR", help="also write stage-tagged shards of the output here")
-    args = p.parse_args(argv)
-    if args.plan:
-        opt = chinchilla_tokens(args.params)
-        print(f"{args.params:.3g} parameters: compute-optimal ≈ 20 tokens per parameter = {opt:.3g} tokens; "
-              f"planned {args.tokens:.3g} = {args.tokens / opt:.1f}x ({'over-trained: cheaper to serve' if args.tokens > opt else 'under-trained'})")
-        return
-    if not 0 < args.threshold < 1:
-        p.error(f"--threshold {args.threshold}: must lie strictly between 0 and 1 (try 0.8)")
-    if args.num_perm < 16:
-        p.error(f"--num-perm {args.num_perm}: too few permutations to band (try 128)")
-    if not 0 < args.ppl_quantile <= 1:
-        p.error(f"--ppl-quantile {args.ppl_quantile}: must be in (0, 1]")
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    for bad, flag, value, fix in [
+            (not 0 < args.threshold < 1, "--threshold", args.threshold, "must lie strictly between 0 and 1 (try 0.8)"),
+            (args.num_perm < 16, "--num-perm", args.num_perm, "too few permutations to band (try 128)"),
+            (args.ngram < 1, "--ngram", args.ngram, "a shingle needs at least one word (try 5)"),
+            (not 0 < args.ppl_quantile <= 1, "--ppl-quantile", args.ppl_quantile, "must be in (0, 1] (try 0.99)"),
+            (not 0 <= args.classifier_threshold <= 1, "--classifier-threshold", args.classifier_threshold,
+             "a probability, in [0, 1] (try 0.5)"),
+            (args.blocklist_share < 0, "--blocklist-share", args.blocklist_share, "a share, at least 0 (try 0.01)")]:
+        if bad:
+            parser.error(f"{flag} {value}: {fix}")
     try:
         blocklist = load_blocklist(args.blocklist) if args.blocklist else None
-        if args.mix:
-            if len(args.mix) == 1 and args.mix[0] in MIXTURE_PRESETS:
-                weights = MIXTURE_PRESETS[args.mix[0]]
-            else:
-                weights = parse_pairs(args.mix, "--mix", float)
-            paths = parse_pairs(args.source, "--source")
-            sources = {}
-            for name, path in paths.items():
-                docs = read_documents([path], collections.Counter(), {})
-                sources[name] = sum(len(d.text.encode("utf-8")) for d in docs)  # bytes are our tokens
-            plan = plan_mixture(sources, weights, args.tokens)
-            print(f"{'source':<22} {'weight':>7} {'available':>12} {'tokens':>12} {'epochs':>7}")
-            for name, s in plan["sources"].items():
-                print(f"{name:<22} {s['weight']:>7.3f} {s['available']:>12.3g} {s['tokens']:>12.3g} {s['epochs']:>7.2f}")
-            for w in plan["warnings"]:
-                print("warning:", w)
-            return plan
         inputs = args.inputs or default_inputs()
-        for i in inputs:
-            if not Path(i).exists():
-                raise ValueError(f"input {i}: no such file or folder")
+        for path in inputs + ([args.reference] if args.reference else []):
+            if not Path(path).exists():
+                raise ValueError(f"input {path}: no such file or folder")
     except ValueError as e:
-        p.error(str(e))
-    rank, n, _ = setup_distributed("cpu")
+        parser.error(str(e))
+    rank, _, _ = setup_distributed("cpu")
     try:
-        languages = args.languages.split(",") if args.languages else None
-        docs, report, examples = run_pipeline(inputs, args.skip, languages, args.reference, args.ppl_quantile,
-                                              blocklist, args.blocklist_share, args.threshold, args.num_perm, args.ngram)
+        docs, report, examples = run_pipeline(
+            inputs, args.skip, args.languages.split(",") if args.languages else None, args.reference,
+            args.ppl_quantile, args.classifier_threshold, blocklist, args.blocklist_share, args.threshold,
+            args.num_perm, args.ngram)
         if rank == 0:
             print_funnel(report, examples)
             write_output(docs, report, examples, args.output)
             print(f"wrote {len(docs)} documents to {args.output} and the funnel to "
                   f"{Path(args.output).with_name('stats.json')}")
-            if args.curriculum:
-                lm = CharNgramLM().fit(d.text for d in docs)
-                plan = plan_curriculum(docs, [lm.perplexity(d.text) for d in docs], mb(docs) * 1e6)
-                for path, stage in zip(write_curriculum(plan, args.curriculum), plan):
-                    print(f"curriculum {stage['stage']:<14} {100 * stage['share']:>5.1f}% of tokens, "
-                          f"{stage['docs']} docs, {stage['epochs']:.2f} epochs -> {path}")
         return docs, report
     finally:
         cleanup()

@@ -8,18 +8,18 @@ import pytest
 
 TRAINING_SCRIPTS = ["zero", "tensor_parallel", "pipeline_parallel", "fsdp_train", "muon", "mixed_precision", "parallel_3d",
                     "expert_parallel"]
-SETUP_SCRIPTS = TRAINING_SCRIPTS + ["collectives", "data_pipeline"]
+SETUP_SCRIPTS = TRAINING_SCRIPTS + ["collectives", "data_pipeline", "data_mixing"]
 COMMON = ["GPTConfig", "Attention", "MLP", "Block", "TinyGPT", "load_text", "get_batch"]
 
 
-TOOLS = ["now", "CommCounter"]  # every script but data_pipeline, which runs on CPUs and counts nothing
+TOOLS = ["now", "CommCounter"]  # every script but the two data chapters, which run on CPUs and count nothing
 
 
 @pytest.mark.parametrize("name", COMMON + TOOLS + ["setup_distributed", "cleanup"])
 def test_common_parts_are_identical_in_every_file(name):
     scripts = {"setup_distributed": SETUP_SCRIPTS, "cleanup": SETUP_SCRIPTS}.get(name, TRAINING_SCRIPTS)
     if name in TOOLS:
-        scripts = [s for s in SETUP_SCRIPTS if s != "data_pipeline"]
+        scripts = [s for s in SETUP_SCRIPTS if not s.startswith("data_")]
     sources = {s: inspect.getsource(getattr(importlib.import_module(s), name)) for s in scripts}
     reference = sources["zero"]
     assert [s for s, src in sources.items() if src != reference] == []

@@ -1,5 +1,9 @@
+import base64
+import collections
 import json
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +12,7 @@ from datasketch import MinHash
 from datasketch.lsh import _optimal_param
 
 import data_pipeline as dp
-from harness import cli_error, readme_command, run_distributed, run_script, run_torchrun
+from harness import cli_error, readme_command, run_distributed, run_torchrun
 
 PROSE = ("The history of the city is long and it has been told many times. In the early years the people "
          "who lived there were farmers, and they traded with the towns along the river. Over the centuries the "
@@ -94,7 +98,7 @@ def test_exact_dedup_keeps_the_first_of_normalised_duplicates():
     assert [d.id for d in kept] == ["0", "2", "4"] and owner == [0, 0, 2, 2, 4]
 
 
-def test_cli_round_trips_a_folder_and_the_funnel_adds_up(tmp_path):
+def test_cli_round_trips_a_folder_and_the_funnel_adds_up(tmp_path, capsys):
     src = tmp_path / "in"
     src.mkdir()
     (src / "page.html").write_text(f"<html><body><nav>menu</nav><p>{PROSE}</p></body></html>")
@@ -109,7 +113,7 @@ def test_cli_round_trips_a_folder_and_the_funnel_adds_up(tmp_path):
              "every visitor who stops at the inn by the bridge. Many of the houses are made of stone and wood.")
     (src / "data.jsonl").write_text(json.dumps({"text": other}) + "\n{not json\n" + json.dumps({"other": 1}) + "\n")
     out = tmp_path / "clean.jsonl"
-    run_script(["data_pipeline.py", str(src), "--output", str(out), "--skip", "model"])
+    dp.main([str(src), "--output", str(out), "--skip", "perplexity", "--skip", "classifier"])  # in-process: cheap
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["text"] for r in rows] == [PROSE, other]  # copy.txt first; page.html, near.txt removed
     assert all(set(r) == {"id", "source", "text"} for r in rows)
@@ -119,27 +123,77 @@ def test_cli_round_trips_a_folder_and_the_funnel_adds_up(tmp_path):
         assert a["docs_out"] == b["docs_in"]
     for s in stages:  # every document that left a stage has a reason (PII only rewrites)
         assert s["docs_in"] - s["docs_out"] == (0 if s["stage"] == "pii" else sum(s["reasons"].values())), s
+    assert [s["stage"] for s in stages] == ["read", "quality", "pii", "exact", "fuzzy"]
     assert stages[0]["reasons"] == {"binary file": 1, "bad utf-8": 1, "malformed jsonl line": 2}
     assert "data.jsonl:2" in stats["examples"]["malformed jsonl line"]
     assert {s["stage"]: s["docs_in"] - s["docs_out"] for s in stages}["fuzzy"] == 1
 
 
-def test_empty_input_is_reported_not_a_crash(tmp_path):
-    proc = run_script(["data_pipeline.py", str(tmp_path), "--output", str(tmp_path / "o.jsonl")])
-    assert "no document could be read" in proc.stdout
+def test_empty_input_is_reported_not_a_crash(tmp_path, capsys):
+    dp.main([str(tmp_path), "--output", str(tmp_path / "o.jsonl")])  # in-process: cheaper than a new interpreter
+    assert "no document could be read" in capsys.readouterr().out and not dist.is_initialized()
 
 
-# --- part 2: MinHash, LSH, fuzzy dedup, mixtures, post-training -------------------------------
+# --- part 2: the model filters, trained on a high-quality reference ---------------------------------
 
-def test_sha1_signatures_equal_datasketch_bit_for_bit():
-    texts = [PROSE, PROSE[:200], "a b c", ""]
-    ours = dp.MinHasher(128, 5, seed=3, hash="sha1").signatures(texts)
-    for text, sig in zip(texts[:3], ours):
+CODE = ("def moving_average(values, window):\n    \"\"\"The mean of each run of `window` consecutive values.\"\"\"\n"
+        "    if window <= 0:\n        raise ValueError(\"window must be positive\")\n    total = sum(values[:window])\n"
+        "    out = [total / window]\n    for i in range(window, len(values)):\n"
+        "        total += values[i] - values[i - window]\n        out.append(total / window)\n    return out\n")
+
+
+def garbage(text, seed=0):
+    """Text no careful writer produced: characters scrambled, keyword spam, a base64 blob, mojibake."""
+    rng = random.Random(seed)
+    chars = list(text)
+    rng.shuffle(chars)
+    blob = base64.b64encode(bytes(rng.randrange(256) for _ in range(300))).decode()
+    return ["".join(chars), "BUY CHEAP best price FREE shipping!!! click here $$$ " * 8, blob,
+            "Café naïve façade — déjà vu à la carte, São Paulo, Zürich, Ærø.".encode("utf-8").decode("latin-1") * 4]
+
+
+def test_perplexity_filter_keeps_clean_prose_and_code_and_drops_garbage():
+    # The reference (the stdlib's documentation), not the corpus, defines what is likely: a corpus of clean prose and
+    # code loses nothing, and every garbage document is dropped (the old corpus-trained filter dropped 10 % of any
+    # corpus, whatever it held).
+    reference = list(dp.reference_texts())
+    assert len(reference) > 1000 and sum(map(len, reference)) > 1e6
+    clean = [PROSE, PROSE.replace("city", "village"), CODE]
+    docs = [dp.Document(str(i), "s", t) for i, t in enumerate(clean + garbage(PROSE) + garbage(CODE, 1))]
+    kept, reason = dp.perplexity_filter(docs, reference, 0.99)
+    assert [d.text for d in kept] == clean, reason
+    lm = dp.CharNgramLM().fit(reference)
+    assert max(lm.perplexity(t) for t in clean) < min(lm.perplexity(t) for t in garbage(PROSE) + garbage(CODE, 1))
+
+
+def test_quality_classifier_learns_reference_against_corpus_and_ranks_clean_above_scrambled(capsys):
+    rng = random.Random(0)
+    good = dp.chunks(dp.reference_texts())
+    rng.shuffle(good)
+    held_out, good = good[:60], good[60:]  # never seen in training
+    corpus = dp.read_documents([str(Path(os.__file__).parent / p) for p in ("json", "email", "asyncio")],
+                               collections.Counter(), {})
+    model, accuracy = dp.train_classifier(rng.sample(good, 600), dp.chunks(d.text for d in corpus)[:600])
+    with capsys.disabled():
+        print(f"\nquality classifier: held-out accuracy {accuracy:.3f}")
+    assert accuracy >= 0.8  # on 20 % held out; a model that learnt nothing scores 0.5
+    def scramble(text):  # every word's letters shuffled: the words, and so the features, are gone
+        return " ".join("".join(rng.sample(w, len(w))) for w in text.split())
+    clean_scores, scrambled_scores = model.score(held_out), model.score([scramble(t) for t in held_out])
+    # held-out chunks are short (100 words), so a few clean ones score low: demand it on average and for most pairs
+    assert clean_scores.mean() > scrambled_scores.mean() + 0.2, (clean_scores.mean(), scrambled_scores.mean())
+    assert (clean_scores > scrambled_scores).mean() >= 0.9
+
+
+# --- part 3: MinHash, LSH, fuzzy dedup -----------------------------------------------------------
+
+def test_sha1_minhash_equals_datasketch_bit_for_bit():
+    for text in (PROSE, PROSE[:200], "a b c"):
         m = MinHash(num_perm=128, seed=3, scheme="legacy")  # datasketch's mod-(2^61 - 1) permutations
-        for s in set(dp.shingles(text, 5)):
-            m.update(s.encode("utf-8"))
-        assert np.array_equal(sig, m.hashvalues)
-    assert (ours[3] == dp.MAX_HASH).all()
+        for sh in set(dp.shingles(text, 5)):
+            m.update(sh.encode("utf-8"))
+        assert np.array_equal(dp.minhash(set(dp.shingles(text, 5)), 128, seed=3), m.hashvalues)
+    assert (dp.minhash(set(), 128) == dp.MAX_HASH).all()
 
 
 def test_lsh_params_equal_datasketch():
@@ -156,7 +210,7 @@ def exact_jaccard(a, b, n=5):
 def test_fast_hash_estimates_jaccard_within_the_minhash_error():
     rng = random.Random(0)
     vocab = [f"w{i}" for i in range(300)]
-    hasher = dp.MinHasher(256, 5, hash="fast")
+    hasher = dp.MinHasher(256, 5)
     errors = []
     for _ in range(40):
         a = [rng.choice(vocab) for _ in range(200)]
@@ -225,33 +279,11 @@ def test_two_ranks_give_the_single_process_result():
     assert results[0] == results[1] == (keep.tolist(), sorted(map(sorted, clusters)))
 
 
-def test_mixture_and_curriculum_plans_add_up():
-    plan = dp.plan_mixture({"web": 1e12, "code": 1e11, "books": 2e10}, {"web": 0.7, "code": 0.2, "books": 0.1}, 1e12)
-    assert sum(s["tokens"] for s in plan["sources"].values()) == pytest.approx(1e12)
-    assert plan["sources"]["books"]["epochs"] == pytest.approx(5.0)
-    assert len(plan["warnings"]) == 1 and plan["warnings"][0].startswith("books: 5.0 epochs")
-    for preset in dp.MIXTURE_PRESETS.values():
-        assert sum(preset.values()) == pytest.approx(1.0, abs=0.011)  # GPT-3 table 2.2 rounds to 101 %
-    docs = [dp.Document(str(i), "s", f"text {i} " * (i + 1), "code" if i % 3 == 0 else "prose") for i in range(30)]
-    stages = dp.plan_curriculum(docs, list(range(30)), 1e6)
-    assert [s["stage"] for s in stages] == ["general", "high-quality", "code-and-math", "annealing"]
-    assert sum(s["tokens"] for s in stages) == pytest.approx(1e6)
-    assert 0.01 <= stages[-1]["share"] <= 0.05 and [d.id for d in stages[-1]["pool"]] == ["0", "1", "2"]
-
-
-def test_post_training_formats():
-    good = {"instruction": "Add.", "input": "2 2", "output": "4"}
-    assert dp.validate_sft(good) == [] and dp.validate_sft({"instruction": " ", "output": "x"}) == ["empty instruction"]
-    assert dp.to_chat(good) == [{"role": "user", "content": "Add.\n\n2 2"}, {"role": "assistant", "content": "4"}]
-    assert dp.validate_preference({"prompt": "p", "chosen": "a", "rejected": "a"}) == ["chosen equals rejected"]
-    stats = dp.post_training_stats([good, good, {"instruction": "x"}], "sft")
-    assert stats["duplicates"] == 1 and stats["valid"] == 2 and stats["problems"] == {"missing output": 1}
-    assert dp.chinchilla_tokens(7e9) == 1.4e11
-
-
 @pytest.mark.parametrize("args, message", [(["--threshold", "1.5"], "--threshold 1.5: must lie strictly between 0 and 1"),
                                            (["/no/such/dir"], "input /no/such/dir: no such file or folder"),
-                                           (["--num-perm", "4"], "--num-perm 4: too few permutations")])
+                                           (["--num-perm", "4"], "--num-perm 4: too few permutations"),
+                                           (["--classifier-threshold", "1.5"], "--classifier-threshold 1.5: a probability"),
+                                           (["--reference", "/no/such.txt"], "input /no/such.txt: no such file")])
 def test_bad_input(args, message, capsys):
     assert message in cli_error(dp.main, args, capsys)
     assert not dist.is_initialized()
@@ -263,5 +295,5 @@ def test_readme_torchrun_line_runs_on_a_small_folder(tmp_path):
     for i in range(4):
         (src / f"a{i}.txt").write_text(PROSE.replace("farmers", f"farmers {i}"))  # near-duplicates of each other
     line = readme_command("data_pipeline.py").replace("clean.jsonl", str(tmp_path / "clean.jsonl"))
-    out = run_torchrun(line, f"{src} --skip model").stdout
+    out = run_torchrun(line, f"{src} --skip perplexity --skip classifier").stdout
     assert "wrote 1 documents" in out
