@@ -1,21 +1,22 @@
 """A complete small pretraining run on PyTorch's own FSDP (fully_shard), with the sharding strategy as one flag.
 
-Fully sharded data parallelism is ZeRO-3 as PyTorch ships it: each rank stores 1/N of every parameter, gradient
-and optimizer state, gathers a block's parameters just before using them and reduce-scatters its gradients
-after. With Φ parameters of 4 bytes each, a rank stores Φ·4/N bytes of parameters under FULL_SHARD and
-SHARD_GRAD_OP, Φ·4/S under HYBRID_SHARD (sharded within groups of S ranks), Φ·4 under plain data parallelism.
-The training loop is everything a real run has: warm-up and cosine or WSD learning-rate schedules, gradient
-accumulation and clipping, bf16 mixed precision, activation checkpointing, evaluation, sharded checkpoints that
-resume on any number of ranks, tokens/s and MFU = achieved FLOP/s ÷ peak FLOP/s.
+Fully sharded data parallelism is ZeRO-3 as PyTorch ships it: each rank stores 1/N of every parameter, gradient and
+optimizer state, gathers a block's parameters just before using them and reduce-scatters its gradients after. With
+Φ parameters of 4 bytes, a rank stores Φ·4/N bytes of parameters under FULL_SHARD and SHARD_GRAD_OP, Φ·4/S under
+HYBRID_SHARD (sharded within groups of S ranks), Φ·4 under plain data parallelism. The loop is a real run's: warm-up,
+cosine or WSD schedules, a data curriculum whose last, best stage is the WSD decay (annealing), gradient accumulation,
+clipping, bf16, activation checkpointing, evaluation, sharded checkpoints that resume on any number of ranks, tokens/s
+and MFU = achieved FLOP/s ÷ peak FLOP/s of the precision the matmuls run in.
 
 Run:   torchrun --nproc_per_node=2 fsdp_train.py
        torchrun --nproc_per_node=4 fsdp_train.py --sharding hybrid --shard-size 2 --save-dir runs/a --save-every 50
        torchrun --nproc_per_node=2 fsdp_train.py --sharding full,grad_op,none --steps 30
-       python fsdp_train.py --help
+       python fsdp_train.py --data CURRICULUM_DIR --steps 600      (data_mixing.py --curriculum DIR writes one)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -25,6 +26,7 @@ import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -47,9 +49,7 @@ SHARDINGS = ("full", "grad_op", "hybrid", "none")
 def make_mesh(sharding: str, world_size: int, shard_size: int, device: torch.device):
     """1-D mesh over all ranks; for hybrid a 2-D (replicate, shard) mesh: shard inside groups of shard_size
     consecutive ranks (one node, fast links), replicate across groups (slow links carry only a gradient all-reduce)."""
-    if sharding == "hybrid":
-        if world_size % shard_size:
-            raise ValueError(f"world size {world_size} is not divisible by --shard-size {shard_size}")
+    if sharding == "hybrid":  # main has checked that shard_size divides world_size
         return init_device_mesh(device.type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
     return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
 
@@ -74,8 +74,7 @@ def apply_fsdp(model: nn.Module, mesh, sharding: str, precision: str = "fp32", a
         apply_activation_checkpointing(model)
     if sharding == "none":
         return DDP(model)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
-        else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
     reshard = sharding != "grad_op"
     for block in model.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
@@ -83,13 +82,21 @@ def apply_fsdp(model: nn.Module, mesh, sharding: str, precision: str = "fp32", a
     return model
 
 
-def local_numel(model: nn.Module) -> int:
-    """Parameter elements this rank stores (its shards, for FSDP's DTensor parameters)."""
-    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+@contextlib.contextmanager
+def saved_activations():
+    """Yields {storage address: bytes} of what autograd saves for backward while active: each storage once (a view and
+    its base, or a tensor two ops save, are one allocation), parameters and their views left out: the activations."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t if t._base is None else t._base, nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield storages
 
 
-def lr_at(step: int, steps: int, lr: float, warmup: int, schedule: str, decay_frac: float = 0.2,
-          min_ratio: float = 0.1) -> float:
+def lr_at(step: int, steps: int, lr: float, warmup: int, schedule: str, decay_frac=0.2, min_ratio=0.0) -> float:
     """Linear warm-up, then cosine to min_ratio·lr; or WSD: warm-up, stable at lr, then a linear decay to
     min_ratio·lr over the last decay_frac of the steps (the annealing phase, where the best data goes)."""
     if step < warmup:
@@ -97,10 +104,41 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, schedule: str, decay_fr
     if schedule == "cosine":
         progress = (step - warmup) / max(1, steps - warmup)
         return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-    decay_start = steps - int(decay_frac * steps)
+    decay_start = steps - round(decay_frac * steps)
     if step < decay_start:
         return lr
     return lr * (1 - (1 - min_ratio) * (step - decay_start + 1) / max(1, steps - decay_start))
+
+
+# A curriculum is what data_mixing.py's write_curriculum leaves in a folder: one JSONL shard per stage, in order
+# (stage_00_general.jsonl, ...), records {"id", "source", "stage", "text"}. A run spends each stage's share of its
+# tokens on it; the last, best stage (1-5 % of the tokens) is the WSD decay: the lr reaches its floor on it.
+def curriculum_shards(path: str | None) -> list[Path]:  # in stage order; [] for anything but a curriculum
+    return sorted(Path(path).glob("stage_[0-9][0-9]_*.jsonl")) if path and Path(path).is_dir() else []
+
+
+def load_curriculum(path: str, shares: list[float], seq_len: int, val_frac: float = 0.1):
+    """[(stage name, its text as bytes)] and a validation set of held-out high-quality text: the last val_frac of
+    the last stage's documents, removed from every stage (earlier stages hold the best documents too)."""
+    stages = []
+    for shard in curriculum_shards(path):
+        lines = shard.read_text(encoding="utf-8").splitlines()
+        stages.append((shard.stem.split("_", 2)[2], [json.loads(line)["text"] for line in lines if line.strip()]))
+    if len(shares) != len(stages) or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+        raise ValueError(f"--stage-shares {shares}: give {len(stages)} shares >= 0 adding up to 1, one per stage")
+    if shares[-1] and not 0.01 <= shares[-1] <= 0.05:
+        raise ValueError(f"--stage-shares: the last (annealing) stage should hold 1-5 % of the tokens, not {shares[-1]}")
+    best = stages[-1][1]
+    held_out = best[len(best) - max(1, round(len(best) * val_frac)):]  # in file order: the same text on every rank
+    held = set(held_out)
+    # one spare byte, cut off again, lets an empty stage through frombuffer (which refuses empty buffers)
+    as_bytes = lambda texts: torch.frombuffer(bytearray("\n\n".join(texts).encode() + b"\0"), dtype=torch.uint8)[:-1]
+    stages, val = [(name, as_bytes([t for t in texts if t not in held])) for name, texts in stages], as_bytes(held_out)
+    for (name, data), share in zip(stages + [("held-out validation", val)], shares + [1]):
+        if share and data.numel() <= seq_len + 1:
+            raise ValueError(f"--data {path}: stage {name} has {data.numel()} bytes, fewer than one sequence of "
+                             f"--seq-len {seq_len} (give it more text or lower --seq-len)")
+    return stages, val
 
 
 def flops_per_token(cfg) -> float:
@@ -111,9 +149,14 @@ def flops_per_token(cfg) -> float:
     return 6 * phi + 12 * L * T * d
 
 
-# Checkpoints: torch.distributed.checkpoint writes one file per rank (its shards) plus metadata, and can load them
-# on any number of ranks. We write into DIR.tmp and rename when every rank is done, so a run killed mid-save
-# leaves the previous checkpoint untouched.
+# MFU's denominator: one GPU's dense peak TFLOP/s in the precision its matmuls run in. Source: NVIDIA's H100 and H200
+# SXM datasheets (the same compute): FP32 67; TF32 989 and BF16 1,979 "with sparsity", so dense is half of those.
+# PCIe and NVL parts are slower; for them and any other device we measure a matmul.
+PEAK_TFLOPS = dict.fromkeys(("H100", "H200"), {"fp32": 67.0, "tf32": 494.5, "bf16": 989.5})
+
+
+# Checkpoints: torch.distributed.checkpoint writes one file per rank (its shards) plus metadata, loadable on any number
+# of ranks. We write DIR.tmp and rename it when every rank is done: a run killed mid-save leaves the last one intact.
 
 def save_checkpoint(save_dir: str, step: int, model, optimizer, cfg) -> str:
     final = Path(save_dir) / f"step_{step:06d}"
@@ -127,32 +170,33 @@ def save_checkpoint(save_dir: str, step: int, model, optimizer, cfg) -> str:
             shutil.rmtree(final)
         tmp.rename(final)
         (Path(save_dir) / "latest").write_text(final.name)
+        print(f"saved {final}", flush=True)
     dist.barrier()
     return str(final)
 
 
-def find_checkpoint(path: str) -> Path:
+def find_checkpoint(path: str, cfg: GPTConfig) -> Path:
+    """The checkpoint that `path` names (a --save-dir: its latest); refused if absent or of another model shape."""
     p = Path(path)
     if (p / "latest").exists():
         p = p / (p / "latest").read_text().strip()
     if not (p / "train_state.json").exists():
         raise ValueError(f"--resume {path}: no checkpoint there (expected a --save-dir or one of its step_* folders)")
+    saved, shape = json.loads((p / "train_state.json").read_text())["config"], asdict(cfg)
+    if saved != shape:
+        raise ValueError(f"--resume {path}: saved by a model with {({k: v for k, v in saved.items() if shape[k] != v})}"
+                         f": pass the same --n-layer/--n-head/--d-model/--seq-len")
     return p
 
 
 def load_checkpoint(path: str, model, optimizer, cfg) -> int:
     """Load a checkpoint written by any number of ranks into this model and optimizer; return its step."""
-    p = find_checkpoint(path)
-    state = json.loads((p / "train_state.json").read_text())
-    if state["config"] != asdict(cfg):
-        diff = {k: (v, asdict(cfg)[k]) for k, v in state["config"].items() if asdict(cfg).get(k) != v}
-        raise ValueError(f"--resume {path}: written by a different model shape {diff} (saved, now): pass the same "
-                         f"--n-layer/--n-head/--d-model/--seq-len")
+    p = find_checkpoint(path, cfg)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optim": optim_sd}
     dcp.load(sd, checkpoint_id=str(p))
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    return state["step"]
+    return json.loads((p / "train_state.json").read_text())["step"]
 
 
 # --- demo --------------------------------------------------------------
@@ -163,15 +207,23 @@ def build_model(cfg: GPTConfig, device="cpu", seed: int = 0) -> TinyGPT:
     return TinyGPT(cfg).to(device)
 
 
-def split_data(data: torch.Tensor, val_frac: float = 0.1):
-    """Deterministic split: the last val_frac of the bytes is the validation set."""
-    cut = int(len(data) * (1 - val_frac))
-    return data[:cut], data[cut:]
+def load_run_data(args) -> dict:
+    """Each stage's training text (one unnamed stage without a curriculum), its end step, validation text, decay."""
+    if curriculum_shards(args.data):
+        stages, val = load_curriculum(args.data, args.stage_shares, args.seq_len)
+        # stage i runs for ends[i-1] <= step < ends[i]; the last stage's steps (>= 1 if its share is not 0) are the decay
+        shares, steps = args.stage_shares, args.steps
+        last = max(1, round(shares[-1] * steps)) if shares[-1] > 0 else 0
+        ends = [min(round(c * steps), steps - last) for c in accumulate(shares[:-2])] + [steps - last, steps]
+        decay = last / steps if last else args.decay_frac
+        return {"stages": stages, "ends": ends, "val": val, "decay_frac": decay}
+    data = load_text(args.data)
+    cut = int(len(data) * 0.9)  # the last 10 % of the bytes is the validation set
+    return {"stages": [(None, data[:cut])], "ends": [args.steps], "val": data[cut:], "decay_frac": args.decay_frac}
 
 
 def batch_for_step(data, step: int, global_batch: int, seq_len: int, seed: int, rank: int, n: int):
-    """This rank's slice of the global batch of `step`: a function of the step alone, so a resumed run sees the
-    same data as an uninterrupted one."""
+    """This rank's slice of step's global batch: a function of the step alone, so a resumed run sees the same data."""
     x, y = get_batch(data, global_batch, seq_len, torch.Generator().manual_seed(seed * 1_000_003 + step))
     per = global_batch // n
     return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
@@ -179,8 +231,7 @@ def batch_for_step(data, step: int, global_batch: int, seq_len: int, seed: int, 
 
 @torch.no_grad()
 def evaluate(model, val, cfg, batches: int, rank: int, n: int, device, per_batch: int = 16) -> float:
-    """Mean loss on a fixed validation set (batches × per_batch sequences) that the ranks share out between them,
-    so the figure does not depend on the number of ranks."""
+    """Mean loss on a fixed validation set (batches × per_batch sequences) that the ranks share out between them."""
     model.eval()
     total = torch.zeros(2, device=device)  # summed loss, tokens
     for b in range(batches):
@@ -198,200 +249,239 @@ def evaluate(model, val, cfg, batches: int, rank: int, n: int, device, per_batch
 def generate(model, prompt: bytes, length: int, cfg, device, temperature: float = 0.8, seed: int = 0) -> bytes:
     """Sample bytes; every rank runs the same forward passes (FSDP's gathers are collectives)."""
     model.eval()
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    g, idx = torch.Generator().manual_seed(seed), list(prompt)
     for _ in range(length):
-        logits = model(idx[:, -cfg.seq_len:])[0, -1].float() / temperature
-        nxt = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=g).to(device)
-        idx = torch.cat([idx, nxt.view(1, 1)], dim=1)
+        logits = model(torch.tensor([idx[-cfg.seq_len:]], device=device))[0, -1].float() / temperature
+        idx.append(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=g).item())
     model.train()
-    return bytes(idx[0, len(prompt):].tolist())
+    return bytes(idx[len(prompt):])
 
 
-def measure_peak_tflops(device, size: int = 1024, repeats: int = 5) -> float:
-    """What one rank's matmuls reach here: the denominator of MFU when no --peak-tflops is given on a CPU."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
+def measure_peak_tflops(device, dtype=torch.float32, size: int = 1024, repeats: int = 5) -> float:
+    """The best rate one rank's matmuls reach here in `dtype`: MFU's denominator where the table has no entry."""
+    a, b = torch.randn(2, size, size, device=device, dtype=dtype)
+    seconds = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        t0 = now(device)
         a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - t0) / 1e12
+        seconds.append(now(device) - t0)
+    return 2 * size**3 / min(seconds[1:]) / 1e12
 
 
-def peak_memory_mib(device) -> float:
+def peak_memory_mib(device, reset: bool = False) -> float:
+    """Peak memory since the last reset (so each strategy reports its own): CUDA's allocator, or a CPU process's peak
+    resident set (Linux's VmHWM, which writing 5 to clear_refs resets)."""
     if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device) if reset else None
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # CPU: the process's peak resident set
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5") if reset else None
+        return next(int(line.split()[1]) for line in Path("/proc/self/status").open() if line.startswith("VmHWM")) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the peak since the process began
+
+
+def log_step(log: dict, step: int, args, tokens: int, dt: float, cfg, device) -> None:
+    """One line per logged step (rank 0): stage, loss, lr, throughput, memory and MFU."""
+    stage = f" | stage {log['stage'][-1]}" if log["stage"][-1] else ""
+    val = f" | val {log['val'][-1][1]:.3f}" if log["val"] and log["val"][-1][0] == step + 1 else ""
+    mfu = flops_per_token(cfg) * tokens / dt / (args.peak_tflops * 1e12 * dist.get_world_size())
+    print(f"step {step + 1}/{args.steps}{stage} | loss {log['loss'][-1]:.3f}{val} | lr {log['lr'][-1]:.2e} | "
+          f"{tokens / dt / 1e3:.1f}k tok/s | {dt * 1e3:.0f} ms | peak {peak_memory_mib(device):.0f} MiB | "
+          f"MFU {100 * mfu:.2f}%", flush=True)
+
+
+def train_step(wrapped, model, opt, data, step: int, args, device) -> float:
+    """One optimizer step over args.grad_accum micro-batches; returns this rank's loss."""
+    rank, n, loss_sum = dist.get_rank(), dist.get_world_size(), 0.0
+    for micro in range(args.grad_accum):  # gradients add up over K micro-steps, then one optimizer step
+        x, y = batch_for_step(data, step * args.grad_accum + micro, args.batch_size * n, args.seq_len, args.seed, rank, n)
+        # DDP has no mixed-precision policy: autocast gives it the same bf16 matmuls as FSDP's param_dtype
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16" and args.sharding == "none"):
+            loss = wrapped(x.to(device), y.to(device)) / args.grad_accum
+        loss.backward()
+        loss_sum += loss.item()
+    if args.clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    opt.step()
+    opt.zero_grad()
+    return loss_sum
 
 
 def train(args) -> dict:
     """One training run as the flags describe; returns the figures it prints (rank 0 prints)."""
-    rank, n = dist.get_rank(), dist.get_world_size()
-    device = torch.device(args.device_resolved)
+    rank, n, device = dist.get_rank(), dist.get_world_size(), torch.device(args.device_resolved)
+    run = load_run_data(args)
     cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
-    data = load_text(args.data)
-    train_data, val_data = split_data(data)
     model = build_model(cfg, device, args.seed)
-    phi = sum(p.numel() for p in model.parameters())
     mesh = make_mesh(args.sharding, n, args.shard_size, device) if args.sharding != "none" else None
     wrapped = apply_fsdp(model, mesh, args.sharding, args.precision, args.activation_checkpointing)
-    if args.compile:
-        wrapped = torch.compile(wrapped)
+    wrapped = torch.compile(wrapped) if args.compile else wrapped
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
     start = load_checkpoint(args.resume, model, opt, cfg) if args.resume else 0
-    global_batch = args.batch_size * n
-    fpt = flops_per_token(cfg)
-    log = {"step": [], "loss": [], "lr": [], "val": []}
-    times = []
+    peak_memory_mib(device, reset=True)
+    log, times = {"step": [], "loss": [], "lr": [], "val": [], "stage": []}, []
+    tokens = args.batch_size * n * cfg.seq_len * args.grad_accum
     for step in range(start, args.steps):
-        lr = lr_at(step, args.steps, args.lr, args.warmup, args.schedule, args.decay_frac)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        loss_sum = 0.0
-        for micro in range(args.grad_accum):  # gradients add up over K micro-steps, then one optimizer step
-            x, y = batch_for_step(train_data, step * args.grad_accum + micro, global_batch, cfg.seq_len, args.seed, rank, n)
-            loss = wrapped(x.to(device), y.to(device)) / args.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-        if args.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
-        opt.zero_grad()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        mean = torch.tensor(loss_sum, device=device)
+        stage = sum(end <= step for end in run["ends"])  # the stages are consumed in order, each for its steps
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.schedule, run["decay_frac"], args.min_lr_ratio)
+        opt.param_groups[0]["lr"] = lr  # one group: every parameter
+        t0 = now(device)
+        loss = train_step(wrapped, model, opt, run["stages"][stage][1], step, args, device)
+        times.append(now(device) - t0)
+        mean = torch.tensor(loss, device=device)
         dist.all_reduce(mean)
-        log["step"].append(step + 1)
-        log["loss"].append(mean.item() / n)
-        log["lr"].append(lr)
-        tokens = global_batch * cfg.seq_len * args.grad_accum
-        mfu = fpt * tokens / dt / (args.peak_tflops * 1e12 * n)
+        for key, value in zip(("step", "loss", "lr", "stage"), (step + 1, mean.item() / n, lr, run["stages"][stage][0])):
+            log[key].append(value)
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            log["val"].append((step + 1, evaluate(wrapped, val_data, cfg, args.eval_batches, rank, n, device)))
-        if rank == 0 and (step % args.log_every == 0 or step + 1 == args.steps):
-            val = f" | val {log['val'][-1][1]:.3f}" if log["val"] and log["val"][-1][0] == step + 1 else ""
-            print(f"step {step + 1}/{args.steps} | loss {log['loss'][-1]:.3f}{val} | lr {lr:.2e} | "
-                  f"{tokens / dt / 1e3:.1f}k tok/s | {dt * 1e3:.0f} ms | peak {peak_memory_mib(device):.0f} MiB | "
-                  f"MFU {100 * mfu:.2f}%", flush=True)
+            log["val"].append((step + 1, evaluate(wrapped, run["val"], cfg, args.eval_batches, rank, n, device)))
+        first_of_stage = log["stage"][-2:-1] != log["stage"][-1:]  # also true at the first step of this run
+        if rank == 0 and (step % args.log_every == 0 or step + 1 == args.steps or first_of_stage):
+            log_step(log, step, args, tokens, times[-1], cfg, device)
         if args.save_dir and args.save_every and (step + 1) % args.save_every == 0:
-            path = save_checkpoint(args.save_dir, step + 1, model, opt, cfg)
-            if rank == 0:
-                print(f"saved {path}", flush=True)
+            save_checkpoint(args.save_dir, step + 1, model, opt, cfg)
     if args.eval_every and not log["val"]:  # resumed at the last step: still report the validation loss
-        log["val"].append((start, evaluate(wrapped, val_data, cfg, args.eval_batches, rank, n, device)))
+        log["val"].append((start, evaluate(wrapped, run["val"], cfg, args.eval_batches, rank, n, device)))
     sample = generate(wrapped, b"def ", args.sample_len, cfg, device) if args.sample_len else b""
-    return {"sharding": args.sharding, "world_size": n, "num_params": phi, "local_numel": local_numel(model),
-            "param_bytes_per_rank": sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters()),
-            "log": log,
-            "ms_per_step": statistics.median(times[1:] or times) * 1e3 if times else None,
-            "final_loss": log["loss"][-1] if log["loss"] else None,
-            "final_val": log["val"][-1][1] if log["val"] else None, "sample": sample.decode("utf-8", "replace"),
-            "peak_mib": peak_memory_mib(device), "start_step": start}
-
-
-def expected_param_bytes(r: dict, shard_size: int) -> float:
-    """Φ·4/N for full and grad_op, Φ·4/shard_size for hybrid (sharded within a group), Φ·4 replicated."""
-    divisor = {"full": r["world_size"], "grad_op": r["world_size"], "hybrid": shard_size, "none": 1}[r["sharding"]]
-    return r["num_params"] * 4 / divisor
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]  # this rank's shards
+    return {"sharding": args.sharding, "world_size": n, "num_params": sum(p.numel() for p in model.parameters()),
+            "local_numel": sum(p.numel() for p in local), "param_bytes_per_rank": sum(p.nbytes for p in local), "log": log,
+            "ms_per_step": statistics.median(times[1:] or times) * 1e3 if times else None, "start_step": start,
+            "final_loss": (log["loss"] or [None])[-1], "final_val": (log["val"] or [(0, None)])[-1][1],
+            "sample": sample.decode("utf-8", "replace"), "peak_mib": peak_memory_mib(device)}
 
 
 def print_summary(results: list[dict], shard_size: int) -> None:
     print(f"\n{'sharding':<8} | {'param bytes/rank':>16} {'formula':>12} | {'ms/step':>8} | {'train loss':>10} "
           f"{'val loss':>9} | {'peak MiB':>8}")
-    for r in results:
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)
-        print(f"{r['sharding']:<8} | {r['param_bytes_per_rank']:>16,} {expected_param_bytes(r, shard_size):>12,.0f} | "
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    for r in results:  # formula: Φ·4/N for full and grad_op, Φ·4/S for hybrid (sharded within a group), Φ·4 for DDP
+        divisor = {"full": r["world_size"], "grad_op": r["world_size"], "hybrid": shard_size, "none": 1}[r["sharding"]]
+        print(f"{r['sharding']:<8} | {r['param_bytes_per_rank']:>16,} {r['num_params'] * 4 / divisor:>12,.0f} | "
               f"{fmt(r['ms_per_step'], '>8.1f'):>8} | {fmt(r['final_loss'], '>10.3f'):>10} "
               f"{fmt(r['final_val'], '>9.3f'):>9} | {r['peak_mib']:>8.0f}")
-    print("(fp32 master parameters: 4 bytes each. FSDP splits each parameter along dim 0, so a dimension that N does "
-          "not divide puts a few more elements on the first ranks.)")
+    print("(fp32: 4 bytes per parameter; FSDP splits each along dim 0, so a size N does not divide puts more on rank 0)")
     if results[-1]["sample"]:
         print(f"\nsample after training, from the prompt 'def ':\n{results[-1]['sample']!r}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--sharding", default="full", help="full, grad_op, hybrid or none; or a list such as full,none")
-    p.add_argument("--shard-size", type=int, default=None, help="hybrid: ranks per sharding group (default: 2)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (needs a C++ compiler on CPU)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per rank per micro-step")
-    p.add_argument("--grad-accum", type=int, default=1, help="K micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
-    p.add_argument("--decay-frac", type=float, default=0.2, help="wsd: share of the steps spent decaying")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=4)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-dir")
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--resume", help="a --save-dir (its latest checkpoint) or one step_* folder in it")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of one device, for MFU "
-                   "(default: 989 on CUDA, the H100/H200 bf16 dense figure; on CPU, measured by a matmul)")
-    p.add_argument("--sample-len", type=int, default=120)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--json", metavar="PATH", help="write the figures as JSON (rank 0)")
-    args = p.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    strategies = args.sharding.split(",")
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add = parser.add_argument
+    add("--sharding", default="full", help="full, grad_op, hybrid or none; or a list such as full,none")
+    add("--shard-size", type=int, help="hybrid: ranks per sharding group (default: 2, or 1 for an odd world size)")
+    add("--precision", choices=["fp32", "tf32", "bf16"], default="fp32", help="matmul precision (tf32: CUDA only)")
+    add("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    add("--compile", action="store_true", help="torch.compile the model (needs a C++ compiler on CPU)")
+    add("--steps", type=int, default=200, help="optimizer steps")
+    add("--batch-size", type=int, default=8, help="sequences per rank per micro-step")
+    add("--grad-accum", type=int, default=1, help="K micro-steps per optimizer step")
+    add("--lr", type=float, default=3e-3, help="peak learning rate")
+    add("--warmup", type=int, default=20, help="warm-up steps (0 means none)")
+    add("--schedule", choices=["cosine", "wsd"], help="learning-rate schedule (default: cosine; wsd with a curriculum)")
+    add("--decay-frac", type=float, help="wsd: share of the steps spent decaying (default 0.2; a curriculum's: its last)")
+    add("--min-lr-ratio", type=float, default=0.0, help="the floor the schedule decays to, × --lr (0 means zero)")
+    add("--clip", type=float, default=1.0, help="gradient-norm clipping (0 means off)")
+    add("--n-layer", type=int, default=4, help="transformer blocks")
+    add("--n-head", type=int, default=4, help="attention heads")
+    add("--d-model", type=int, default=128, help="model width")
+    add("--seq-len", type=int, default=128, help="tokens (bytes) per sequence")
+    add("--data", help="a text file, a folder, data_pipeline.py's JSONL, a curriculum (default: the stdlib's source)")
+    add("--stage-shares", type=float, nargs="+", help="a curriculum's token share per stage (default: 0.6 0.25 0.12 "
+        "0.03); a last share of 0 leaves the annealing stage out")
+    add("--eval-every", type=int, default=50, help="steps between validation losses (0 means no evaluation)")
+    add("--eval-batches", type=int, default=4, help="validation batches of 16 sequences")
+    add("--log-every", type=int, default=10, help="steps between log lines")
+    add("--save-dir", help="write sharded checkpoints here")
+    add("--save-every", type=int, default=0, help="steps between checkpoints (0 means never)")
+    add("--resume", help="a --save-dir (its latest checkpoint) or one step_* folder in it")
+    add("--peak-tflops", type=float, help="a device's peak TFLOP/s for MFU (default: H100/H200 table, else measured)")
+    add("--sample-len", type=int, default=120, help="bytes to sample after training (0 means no sample)")
+    add("--seed", type=int, default=0, help="any integer: the initial weights and the batches")
+    add("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    add("--json", metavar="PATH", help="write the figures as JSON (rank 0)")
+    return parser
+
+
+def validate_numbers(parser: argparse.ArgumentParser, args) -> None:
+    """Every numeric flag in range, whatever else is asked."""
+    positive = ("steps", "batch_size", "grad_accum", "n_layer", "n_head", "d_model", "seq_len", "eval_batches",
+                "log_every", "lr", "peak_tflops", "shard_size", "decay_frac")
+    for name in positive + ("warmup", "clip", "eval_every", "save_every", "sample_len", "min_lr_ratio"):
+        value = getattr(args, name)
+        if value is not None and (value < 0 or value == 0 and name in positive):
+            parser.error(f"--{name.replace('_', '-')} {value}: must be {'positive' if name in positive else '0 or more'}")
+    if (args.decay_frac or 0) > 1:
+        parser.error(f"--decay-frac {args.decay_frac}: a share of the steps, at most 1 (try 0.2)")
+    if args.min_lr_ratio >= 1:
+        parser.error(f"--min-lr-ratio {args.min_lr_ratio}: a share of --lr, below 1 (0 decays to zero)")
+    if args.d_model % args.n_head:
+        parser.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
+
+
+def validate(parser: argparse.ArgumentParser, args) -> list[str]:
+    """All checks, before any work; returns the strategies to run. Fills in the defaults that depend on others."""
+    validate_numbers(parser, args)
+    world, strategies = int(os.environ.get("WORLD_SIZE", 1)), args.sharding.split(",")
+    curriculum = curriculum_shards(args.data)
     for s in strategies:
         if s not in SHARDINGS:
-            p.error(f"--sharding {s}: choose from {', '.join(SHARDINGS)}")
-    if args.shard_size is None:
-        args.shard_size = 2 if world % 2 == 0 else 1
-    if "hybrid" in strategies and (args.shard_size < 1 or world % args.shard_size):
-        p.error(f"--shard-size {args.shard_size} does not divide the world size {world} (try --shard-size "
-                f"{next(k for k in range(min(world, max(1, args.shard_size)), 0, -1) if world % k == 0)})")
-    if args.d_model % args.n_head:
-        p.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
+            parser.error(f"--sharding {s}: choose from {', '.join(SHARDINGS)}")
+    args.shard_size = args.shard_size or (2 if world % 2 == 0 else 1)
+    if "hybrid" in strategies and world % args.shard_size:
+        parser.error(f"--shard-size {args.shard_size} does not divide the world size {world} (try --shard-size "
+                     f"{next(k for k in range(min(world, args.shard_size), 0, -1) if world % k == 0)})")
     if args.resume and len(strategies) > 1:
-        p.error("--resume takes one --sharding, not a list")
-    if args.resume:
-        try:
-            find_checkpoint(args.resume)
-        except ValueError as e:
-            p.error(str(e))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible here (use --device cpu)")
+        parser.error("--resume takes one --sharding, not a list")
+    if (args.device == "cuda" or args.precision == "tf32") and not torch.cuda.is_available():
+        parser.error(f"--{'device cuda' if args.device == 'cuda' else 'precision tf32'}: no CUDA device is visible here "
+                     f"(use --device cpu and --precision fp32 or bf16)")
+    if args.stage_shares and not curriculum:
+        parser.error("--stage-shares needs --data DIR holding a curriculum (stage_NN_name.jsonl shards)")
+    if curriculum and args.schedule == "cosine":
+        parser.error("--schedule cosine: a curriculum's last stage is the WSD decay (use --schedule wsd)")
     try:
-        n_bytes = load_text(args.data).numel()
+        if args.resume:
+            find_checkpoint(args.resume, GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
+                                                   d_model=args.d_model))
+        if curriculum:
+            args.stage_shares, args.schedule = args.stage_shares or [0.6, 0.25, 0.12, 0.03], "wsd"  # data_pipeline's stages
+            load_curriculum(args.data, args.stage_shares, args.seq_len)
+        elif int(load_text(args.data).numel() * 0.1) <= args.seq_len + 1:
+            parser.error(f"--data {args.data}: too few bytes for a validation split of sequences of --seq-len "
+                         f"{args.seq_len} (give more text or lower --seq-len)")
     except ValueError as e:
-        p.error(str(e))
-    if int(n_bytes * 0.1) <= args.seq_len + 1:
-        p.error(f"--data has {n_bytes:,} bytes: too few for a validation split of sequences of --seq-len "
-                f"{args.seq_len} (give more text or lower --seq-len)")
-    args.device_resolved = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        parser.error(str(e))
+    args.schedule, args.decay_frac = args.schedule or "cosine", args.decay_frac or 0.2
+    return strategies
+
+
+def resolve_peak(args, device: torch.device, rank: int) -> None:
+    """MFU's denominator: --peak-tflops, else the datasheet's peak for this GPU and precision, else a matmul here."""
+    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"  # fp32 means fp32 matmuls, tf32 tensor cores
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
+    sxm = "PCIe" not in name and "NVL" not in name
+    table = next((peaks[args.precision] for gpu, peaks in PEAK_TFLOPS.items() if gpu in name and sxm), None)
+    source = "given" if args.peak_tflops else "datasheet dense peak" if table else "measured matmul rate"
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    args.peak_tflops = args.peak_tflops or table or measure_peak_tflops(device, dtype)
+    if rank == 0:
+        print(f"MFU against {args.peak_tflops * 1e3:,.1f} GFLOP/s per process: {source} ({name}, {args.precision})",
+              flush=True)
+
+
+def main(argv=None) -> list[dict]:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    strategies = validate(parser, args)
     rank, n, device = setup_distributed(args.device)
     args.device_resolved = str(device)
-    if args.peak_tflops is None:
-        args.peak_tflops = 989.0 if device.type == "cuda" else measure_peak_tflops(device)
-        if rank == 0 and device.type == "cpu":
-            print(f"MFU is measured against this CPU's own fp32 matmul rate, {args.peak_tflops * 1e3:.1f} GFLOP/s "
-                  f"per process (--peak-tflops to give another)", flush=True)
     try:
+        resolve_peak(args, device, rank)
         results = []
         for s in strategies:
             if rank == 0 and len(strategies) > 1:
                 print(f"--- sharding {s} ---", flush=True)
-            try:
-                results.append(train(argparse.Namespace(**{**vars(args), "sharding": s})))
-            except ValueError as e:  # e.g. a checkpoint of another model shape: the same on every rank
-                if rank == 0:
-                    print(f"error: {e}")
-                raise SystemExit(2)
+            results.append(train(argparse.Namespace(**{**vars(args), "sharding": s})))
         if rank == 0:
             print_summary(results, args.shard_size)
             if args.json:
