@@ -1,18 +1,23 @@
 """Muon: momentum orthogonalised by Newton-Schulz, for the hidden weight matrices of a transformer.
 
-AdamW scales every element of the update on its own. Muon treats a weight as a matrix: it takes the momentum
-M = U·Σ·Vᵀ and steps along msign(M) = U·Vᵀ, the same directions with every singular value set to 1, so rare
-directions (small σ) move as far as dominant ones. Computing an SVD each step would be slow; five Newton-Schulz
-iterations X ← aX + b(XXᵀ)X + c(XXᵀ)²X with (a, b, c) = (3.4445, −4.7750, 2.0315) get close with matmuls only.
-Embeddings, the output head, norms and biases stay with AdamW.
+AdamW (written out first, below) scales every element of the update on its own and keeps two moments per parameter.
+Muon treats a weight as a matrix: it takes the momentum M = U·Σ·Vᵀ and steps along msign(M) = U·Vᵀ, the same
+directions with every singular value set to 1, so rare directions (small σ) move as far as dominant ones. Computing
+an SVD each step would be slow; five Newton-Schulz iterations X ← aX + b(XXᵀ)X + c(XXᵀ)²X with
+(a, b, c) = (3.4445, −4.7750, 2.0315) get close with matmuls only. Embeddings, the output head, norms and biases stay
+with AdamW. Data parallel over N ranks, each rank orthogonalises 1/N of the matrices and one all-gather per group of
+equal-sized matrices shares the results: each rank sends Σ_groups ⌈k/N⌉·numel·bytes per step.
 
 Run:   python muon.py --compare
        python muon.py --ns-check
+       python muon.py --lr-transfer
        torchrun --nproc_per_node=2 muon.py --optimizer muon --steps 100
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import datetime
 import json
 import math
@@ -28,6 +33,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # --- the technique -----------------------------------------------------
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay, written out. Per element, at step t:
+    m ← β1·m + (1-β1)·g;  v ← β2·v + (1-β2)·g²;  W ← W·(1 - lr·wd) - lr·m̂/(√v̂ + ε), m̂ = m/(1-β1ᵗ), v̂ = v/(1-β2ᵗ).
+    State: m and v, 4 + 4 bytes per fp32 parameter; with mixed precision's fp32 master copy, zero.py's 12 bytes."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        if lr <= 0:
+            raise ValueError(f"learning rate {lr} must be positive")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for g in self.param_groups:
+            beta1, beta2 = g["betas"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                state["step"] += 1
+                t, m, v = state["step"], state["m"], state["v"]
+                p.mul_(1 - g["lr"] * g["weight_decay"])  # decoupled: W shrinks; the decay never enters m or v
+                m.lerp_(p.grad, 1 - beta1)  # m ← β1·m + (1-β1)·g
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)  # v ← β2·v + (1-β2)·g²
+                # lr·m̂/(√v̂ + ε) with both corrections folded into scalars, in torch.optim.AdamW's order (so the
+                # two agree to the bit): √v / √(1-β2ᵗ) + ε, then m times -lr/(1-β1ᵗ) over it.
+                denom = (v.sqrt() / (1 - beta2 ** t) ** 0.5).add_(g["eps"])
+                p.addcdiv_(m, denom, value=-g["lr"] / (1 - beta1 ** t))
+        return loss
+
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: steepest slope at 0 that still lands near 1
 
@@ -79,10 +119,10 @@ def scale_factor(scale: str, d_out: int, d_in: int) -> float:
 
 class Muon(torch.optim.Optimizer):
     """Momentum, orthogonalised: M ← μM + (1-μ)G; with Nesterov U = (1-μ)G + μM, else U = M;
-    W ← W·(1 - lr·wd) - lr·scale·newton_schulz5(U). Only for 2-D weights.
+    W ← W·(1 - lr·wd) - lr·scale·newton_schulz5(U). Only for 2-D weights; its state is M alone (4 bytes, not 8).
 
-    With a process group of N > 1 ranks (data parallelism, gradients already averaged), rank r orthogonalises the
-    matrices i with i mod N = r and sends each result to the others: Newton-Schulz work divided by N."""
+    With distributed=True over N > 1 ranks (data parallelism, gradients already averaged), the matrices are grouped
+    by size; in each group rank r orthogonalises every N-th matrix and one all-gather per N matrices shares them."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5, scale: str = "keller", ns_dtype=None, group=None,
@@ -98,14 +138,36 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon orthogonalises matrices; a parameter of shape {tuple(p.shape)} is not "
                                      f"one: give embeddings' rows, biases and norms to AdamW (see split_params)")
         self.ns_dtype, self.group, self.distributed = ns_dtype, group, distributed
-        self.ns_seconds = 0.0  # time spent in Newton-Schulz, for --ns-check's overhead figure
+        self.ns_seconds = 0.0  # time spent orthogonalising (and sharing), for --ns-check's overhead figure
         self.ns_calls = 0  # matrices this rank orthogonalised
+
+    def _orthogonalise(self, p: torch.Tensor, g: dict, update: torch.Tensor) -> torch.Tensor:
+        self.ns_calls += 1
+        return newton_schulz5(update, g["ns_steps"], dtype=self.ns_dtype or default_ns_dtype(p.device))
+
+    def _orthogonalise_shared(self, work: list) -> list[torch.Tensor]:
+        """Each rank orthogonalises its share; one all-gather per N equal-sized matrices gives everyone all of them."""
+        n, r = dist.get_world_size(self.group), dist.get_rank(self.group)
+        ortho, groups = [None] * len(work), {}  # groups: {numel: indices into work}
+        for i, (p, _, _) in enumerate(work):
+            groups.setdefault(p.numel(), []).append(i)
+        for numel, idx in groups.items():
+            p0 = work[idx[0]][0]
+            dtype = self.ns_dtype or default_ns_dtype(p0.device)  # bf16 results travel as bf16: exact, half the bytes
+            for start in range(0, len(idx), n):  # one round: rank r takes matrix idx[start + r]
+                if start + r < len(idx):
+                    o = self._orthogonalise(*work[idx[start + r]]).to(dtype).flatten()
+                else:  # the group ran out before this rank: it sends padding, as the others wait for N pieces
+                    o = torch.zeros(numel, dtype=dtype, device=p0.device)
+                gathered = torch.empty(n, numel, dtype=dtype, device=p0.device)  # (N, numel): row k from rank k
+                dist.all_gather(list(gathered.unbind(0)), o, group=self.group)
+                for k, i in enumerate(idx[start:start + n]):
+                    ortho[i] = gathered[k].view_as(work[i][0]).to(work[i][0].dtype)
+        return ortho
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        n = dist.get_world_size(self.group) if self.distributed else 1
-        r = dist.get_rank(self.group) if self.distributed else 0
         work = []
         for g in self.param_groups:
             for p in g["params"]:
@@ -115,19 +177,13 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - g["momentum"])
                 update = p.grad.lerp(buf, g["momentum"]) if g["nesterov"] else buf
                 work.append((p, g, update))
-        t0 = time.perf_counter()
-        ortho = []
-        for i, (p, g, update) in enumerate(work):
-            if i % n == r:
-                o = newton_schulz5(update, g["ns_steps"], dtype=self.ns_dtype or default_ns_dtype(p.device))
-                self.ns_calls += 1
-            else:
-                o = torch.empty_like(p)
-            if n > 1:  # the owner's result to everyone: across all matrices, an all-gather of the updates
-                dist.broadcast(o, src=dist.get_global_rank(self.group, i % n) if self.group else i % n,
-                               group=self.group)
-            ortho.append(o)
-        self.ns_seconds += time.perf_counter() - t0
+        device = self.param_groups[0]["params"][0].device
+        t0 = now(device)
+        if self.distributed and dist.get_world_size(self.group) > 1:
+            ortho = self._orthogonalise_shared(work)
+        else:
+            ortho = [self._orthogonalise(*w) for w in work]
+        self.ns_seconds += now(device) - t0
         for (p, g, _), o in zip(work, ortho):
             p.mul_(1 - g["lr"] * g["weight_decay"])
             p.add_(o, alpha=-g["lr"] * scale_factor(g["scale"], p.shape[0], p.shape[1]))
@@ -157,7 +213,7 @@ class MuonWithAdamW:
         muon_params, adamw_params = split_params(model)
         self.muon = Muon(muon_params, lr=lr, momentum=momentum, weight_decay=weight_decay, scale=scale,
                          ns_dtype=ns_dtype, group=group, distributed=distributed)
-        self.adamw = torch.optim.AdamW(adamw_params, lr=adamw_lr, betas=(0.9, 0.95), weight_decay=adamw_weight_decay)
+        self.adamw = AdamW(adamw_params, lr=adamw_lr, betas=(0.9, 0.95), weight_decay=adamw_weight_decay)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -171,24 +227,21 @@ class MuonWithAdamW:
         self.muon.zero_grad(set_to_none)
         self.adamw.zero_grad(set_to_none)
 
-    def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
-
 
 # --- demo --------------------------------------------------------------
 
 # Learning rates picked by benchmarks/muon_bench.py's sweep on this model and corpus (see the README's table).
 # (muon_adamw is the AdamW half of Muon+AdamW, for embeddings, head, norms and biases: not swept.)
 BEST_LR = {"adamw": 1e-2, "muon": 0.05, "muon_adamw": 3e-3}
+# --lr-transfer's grid (factors of 2): around the best at d = 64 (0.05), and for moonlight around AdamW's (1e-2).
+LR_GRID = {"none": (0.0125, 0.025, 0.05, 0.1, 0.2), "moonlight": (0.0025, 0.005, 0.01, 0.02, 0.04)}
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float | None = None, scale: str = "keller", distributed=False):
+def make_optimizer(name: str, model: nn.Module, lr: float | None = None, scale: str = "keller",
+                   distributed: bool = False):
+    """Our AdamW on every parameter, or Muon on the hidden matrices with AdamW on the rest."""
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr or BEST_LR["adamw"], betas=(0.9, 0.95), weight_decay=0.0)
+        return AdamW(model.parameters(), lr=lr or BEST_LR["adamw"], betas=(0.9, 0.95), weight_decay=0.0)
     if name == "muon":
         return MuonWithAdamW(model, lr=lr or BEST_LR["muon"], adamw_lr=BEST_LR["muon_adamw"], scale=scale,
                              distributed=distributed)
@@ -196,7 +249,9 @@ def make_optimizer(name: str, model: nn.Module, lr: float | None = None, scale: 
 
 
 @torch.no_grad()
-def evaluate(model, val, cfg, batches: int = 4, per_batch: int = 16, device="cpu") -> float:
+def evaluate(model: nn.Module, val: torch.Tensor, cfg: GPTConfig, batches: int = 4, per_batch: int = 16,
+             device="cpu") -> float:
+    """Mean loss on fixed held-out batches (the same on every rank and in every run)."""
     model.eval()
     losses = [model(*(t.to(device) for t in get_batch(val, per_batch, cfg.seq_len, torch.Generator().manual_seed(99 + b))))
               for b in range(batches)]
@@ -223,25 +278,34 @@ def train(optimizer: str = "muon", steps: int = 100, lr: float | None = None, sc
     for step in range(steps):
         for g, lr0 in zip(opt.param_groups, base):  # linear warm-up, then linear decay to 0
             g["lr"] = lr0 * min((step + 1) / warmup, (steps - step) / max(1, steps - warmup))
-        x, y = get_batch(train_data, batch_size, cfg.seq_len, gen)
+        x, y = get_batch(train_data, batch_size, cfg.seq_len, gen)  # the same (B, T) batch on every rank
         per = batch_size // n
         x, y = x[rank * per:(rank + 1) * per].to(device), y[rank * per:(rank + 1) * per].to(device)
-        t0 = time.perf_counter()
+        t0 = now(device)
         loss = model(x, y)
         loss.backward()
-        if n > 1:
-            for p in model.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= n
+        logged = loss.detach().clone()  # on the run's device, so that NCCL can reduce it
+        if n > 1:  # each rank saw a slice: average the gradients, and the logged loss, over the ranks
+            for t in [logged] + [p.grad for p in model.parameters()]:
+                dist.all_reduce(t)
+                t /= n
         opt.step()
         opt.zero_grad()
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+        times.append(now(device) - t0)
+        losses.append(logged.item())
         if log_every and rank == 0 and (step % log_every == 0 or step == steps - 1):
-            print(f"{optimizer} | step {step + 1}/{steps} | loss {loss.item():.3f} | {times[-1] * 1e3:.0f} ms", flush=True)
+            print(f"{optimizer} | step {step + 1}/{steps} | loss {losses[-1]:.3f} | {times[-1] * 1e3:.0f} ms", flush=True)
     ns = opt.muon.ns_seconds if optimizer == "muon" else 0.0
     return {"optimizer": optimizer, "losses": losses, "val_loss": evaluate(model, val_data, cfg, device=device),
             "ms_per_step": statistics.median(times) * 1e3, "ns_share": ns / sum(times), "model": model, "opt": opt}
+
+
+def gather_bytes_per_step(params: list[torch.Tensor], n: int, itemsize: int) -> tuple[int, int]:
+    """The formula for distributed Muon's traffic from each rank per step: (calls, bytes) = Σ over groups of equal
+    numel of ⌈k/N⌉ all-gathers, each sending one matrix of numel elements."""
+    sizes = collections.Counter(p.numel() for p in params)  # {numel: k}
+    calls = sum(math.ceil(k / n) for k in sizes.values())
+    return calls, sum(math.ceil(k / n) * numel * itemsize for numel, k in sizes.items())
 
 
 def smooth(xs: list[float], k: int = 10) -> list[float]:
@@ -278,8 +342,9 @@ def print_compare(c: dict) -> None:
           f"(Newton-Schulz {100 * c['muon']['ns_share']:.1f}% of Muon's step)")
 
 
-def ns_check(cfg: GPTConfig | None = None, data=None, device="cpu") -> list[dict]:
-    """Newton-Schulz against the exact UVᵀ from an SVD, on random matrices and on real momentum matrices."""
+def ns_check(cfg: GPTConfig | None = None, data=None, device="cpu") -> dict:
+    """Newton-Schulz against the exact UVᵀ from an SVD, on random matrices and on real momentum matrices; also
+    Newton-Schulz's share of a training step and the step's time in ms."""
     torch.manual_seed(0)
     mats = [(f"random {r}x{c}", torch.randn(r, c)) for r, c in ((128, 512), (512, 128), (256, 256))]
     run = train("muon", 20, cfg=cfg, data=data, device=device)
@@ -287,67 +352,142 @@ def ns_check(cfg: GPTConfig | None = None, data=None, device="cpu") -> list[dict
         if p in run["opt"].muon.state and name.startswith("blocks.0"):
             mats.append((f"momentum {name}", run["opt"].muon.state[p]["momentum_buffer"].float().cpu()))
     rows = []
-    for name, G in mats:
+    for name, G in mats:  # the SVD reference in float64 on the CPU; Newton-Schulz on the run's device
         U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
         exact = U @ Vh
         X = newton_schulz5(G.to(device)).double().cpu()
         sv = torch.linalg.svdvals(X)
         rows.append({"matrix": name, "cond": (S[0] / S[-1]).item(), "sv_min": sv.min().item(), "sv_max": sv.max().item(),
                      "rel_error": ((X - exact).norm() / exact.norm()).item()})
-    return rows, run["ns_share"], run["ms_per_step"]
+    return {"rows": rows, "ns_share": run["ns_share"], "ms_per_step": run["ms_per_step"],
+            "ns_dtype": default_ns_dtype(device)}
+
+
+def print_ns_check(c: dict) -> None:
+    print(f"{'matrix':<34} {'cond(G)':>9} {'min σ(NS)':>10} {'max σ(NS)':>10} {'|NS-UVᵀ|/|UVᵀ|':>15}")
+    for r in c["rows"]:
+        print(f"{r['matrix']:<34} {r['cond']:>9.1f} {r['sv_min']:>10.3f} {r['sv_max']:>10.3f} {r['rel_error']:>15.3f}")
+    print(f"exact UVᵀ has every σ = 1. Newton-Schulz ({c['ns_dtype']}) took {100 * c['ns_share']:.1f}% of "
+          f"a {c['ms_per_step']:.0f} ms training step")
+
+
+def lr_transfer(widths: tuple[int, ...] = (64, 256), scales: tuple[str, ...] = ("none", "moonlight"),
+                steps: int = 60, cfg: GPTConfig | None = None, data=None, device="cpu", grid: dict | None = None,
+                batch_size: int = 16, verbose: bool = False) -> dict:
+    """Sweep Muon's learning rate at each width for each update scale. A scale transfers if the best rate found at
+    one width is the best at the others. Returns {"val_loss": {(scale, d): [loss per lr]}, "best": {(scale, d): lr}}."""
+    cfg, grid = cfg or GPTConfig(), grid or LR_GRID
+    val = {}
+    for scale in scales:
+        for d in widths:
+            val[(scale, d)] = []
+            for lr in grid[scale]:
+                r = train("muon", steps, lr, scale, dataclasses.replace(cfg, d_model=d), batch_size, data, device)
+                val[(scale, d)].append(r["val_loss"])
+                if verbose:
+                    print(f"scale {scale:<9} | d {d:>4} | lr {lr:<7g} | val loss {r['val_loss']:.3f}", flush=True)
+    best = {k: grid[k[0]][min(range(len(v)), key=v.__getitem__)] for k, v in val.items()}
+    return dict(widths=tuple(widths), scales=tuple(scales), grid=grid, steps=steps, val_loss=val, best=best)
+
+
+def print_lr_transfer(t: dict) -> None:
+    print(f"\nvalidation loss after {t['steps']} steps, Muon's learning rate swept (AdamW's half fixed at "
+          f"{BEST_LR['muon_adamw']:g}); * marks the best per width")
+    for scale in t["scales"]:
+        print(f"{'scale ' + scale:<16}" + "".join(f"{'d = ' + str(d):>12}" for d in t["widths"]))
+        for i, lr in enumerate(t["grid"][scale]):
+            print(f"  lr {lr:<11g}" + "".join(f"{t['val_loss'][(scale, d)][i]:>11.3f}"
+                                             + ("*" if t["best"][(scale, d)] == lr else " ") for d in t["widths"]))
+        bests = [t["best"][(scale, d)] for d in t["widths"]]
+        print(f"  best lr per width: {', '.join(f'd = {d}: {b:g}' for d, b in zip(t['widths'], bests))} -> "
+              f"{'the same rate' if len(set(bests)) == 1 else 'different rates'} (grid step 2x)")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--compare", action="store_true", help="AdamW vs Muon+AdamW, same seed, data and steps")
+    parser.add_argument("--ns-check", action="store_true", help="Newton-Schulz vs the exact SVD")
+    parser.add_argument("--lr-transfer", action="store_true", help="sweep Muon's lr at each of --widths, scales none, moonlight")
+    parser.add_argument("--widths", default="64,256", help="comma-separated model widths for --lr-transfer")
+    parser.add_argument("--optimizer", choices=["muon", "adamw"], default="muon", help="for a single run")
+    parser.add_argument("--scale", default="keller", help=f"Muon's update scale: {', '.join(SCALES)}")
+    parser.add_argument("--lr", type=float, default=None, help="default: the benchmark's best for the optimizer")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 150; 60 per run for --lr-transfer)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step, split over the ranks")
+    parser.add_argument("--n-layer", type=int, default=2, help="transformer blocks")
+    parser.add_argument("--n-head", type=int, default=4, help="attention heads (must divide --d-model)")
+    parser.add_argument("--d-model", type=int, default=64, help="model width")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens (bytes) per sequence")
+    parser.add_argument("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag checked here, before any work: one line naming the flag and the fix."""
+    if args.scale not in SCALES:
+        parser.error(f"--scale {args.scale}: choose one of {', '.join(SCALES)}")
+    if args.lr is not None and args.lr <= 0:
+        parser.error(f"--lr {args.lr}: the learning rate must be positive")
+    for flag in ("steps", "batch_size", "n_layer", "n_head", "d_model", "seq_len"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} {value}: must be at least 1")
+    if args.d_model % args.n_head:
+        parser.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
+    if not all(w.strip().lstrip("-").isdigit() for w in args.widths.split(",")):
+        parser.error(f"--widths {args.widths}: give comma-separated integers, e.g. 64,256")
+    args.widths = tuple(int(w) for w in args.widths.split(","))
+    for w in args.widths:
+        if w < 1 or (args.lr_transfer and w % args.n_head):  # a single run uses --d-model, not --widths
+            parser.error(f"--widths: {w} is not a positive multiple of --n-head {args.n_head} "
+                         f"(try {max(1, round(w / args.n_head)) * args.n_head})")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        parser.error(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
+
+
+def run_single(args: argparse.Namespace, cfg: GPTConfig, data, device, rank: int, n: int) -> dict:
+    """One training run; under torchrun, Muon's all-gathers are counted from outside and set beside the formula."""
+    steps = args.steps or 150
+    with CommCounter() as counter:
+        r = train(args.optimizer, steps, args.lr, args.scale, cfg, args.batch_size, data, device,
+                  log_every=max(1, steps // 10))
+    if rank == 0:
+        print(f"validation loss {r['val_loss']:.3f} | {r['ms_per_step']:.1f} ms/step")
+        if n > 1 and args.optimizer == "muon":
+            calls, nbytes = counter.totals().get("all_gather", (0, 0))
+            params = r["opt"].muon.param_groups[0]["params"]
+            f_calls, f_bytes = gather_bytes_per_step(params, n, default_ns_dtype(device).itemsize)
+            print(f"Muon's all-gathers per step, counted: {calls / steps:g} calls, {nbytes / steps / 1024:.1f} KiB "
+                  f"sent by each rank | formula Σ⌈k/N⌉·numel·bytes: {f_calls} calls, {f_bytes / 1024:.1f} KiB")
+    return r
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--compare", action="store_true", help="AdamW vs Muon+AdamW, same seed, data and steps")
-    p.add_argument("--ns-check", action="store_true", help="Newton-Schulz vs the exact SVD")
-    p.add_argument("--optimizer", choices=["muon", "adamw"], default="muon", help="for a single run")
-    p.add_argument("--scale", default="keller", help=f"Muon's update scale: {', '.join(SCALES)}")
-    p.add_argument("--lr", type=float, default=None, help="default: the benchmark's best for the optimizer")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    args = p.parse_args(argv)
-    if args.scale not in SCALES:
-        p.error(f"--scale {args.scale}: choose one of {', '.join(SCALES)}")
-    if args.lr is not None and args.lr <= 0:
-        p.error(f"--lr {args.lr}: the learning rate must be positive")
-    if args.d_model % args.n_head:
-        p.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        p.error(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     try:
         data = load_text(args.data)
     except ValueError as e:
-        p.error(str(e))
+        parser.error(str(e))
     cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
     rank, n, device = setup_distributed(args.device)
     try:
         if args.ns_check:
-            rows, share, ms = ns_check(cfg, data, device)
-            if rank == 0:
-                print(f"{'matrix':<34} {'cond(G)':>9} {'min σ(NS)':>10} {'max σ(NS)':>10} {'|NS-UVᵀ|/|UVᵀ|':>15}")
-                for r in rows:
-                    print(f"{r['matrix']:<34} {r['cond']:>9.1f} {r['sv_min']:>10.3f} {r['sv_max']:>10.3f} {r['rel_error']:>15.3f}")
-                print(f"exact UVᵀ has every σ = 1. Newton-Schulz ({default_ns_dtype(device)}) took {100 * share:.1f}% of "
-                      f"a {ms:.0f} ms training step")
-            return rows
-        if args.compare:
-            c = compare(args.steps, cfg, data, device)
-            if rank == 0:
-                print_compare(c)
-            return c
-        r = train(args.optimizer, args.steps, args.lr, args.scale, cfg, args.batch_size, data, device,
-                  log_every=max(1, args.steps // 10))
+            result, show = ns_check(cfg, data, device), print_ns_check
+        elif args.lr_transfer:
+            result = lr_transfer(args.widths, ("none", "moonlight"), args.steps or 60, cfg, data, device,
+                                 batch_size=args.batch_size, verbose=rank == 0)
+            show = print_lr_transfer
+        elif args.compare:
+            result, show = compare(args.steps or 150, cfg, data, device), print_compare
+        else:
+            return run_single(args, cfg, data, device, rank, n)
         if rank == 0:
-            print(f"validation loss {r['val_loss']:.3f} | {r['ms_per_step']:.1f} ms/step")
-        return r
+            show(result)
+        return result
     finally:
         cleanup()
 

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -36,52 +37,106 @@ def test_scale_factors_follow_their_formulas():
         assert muon.scale_factor(scale, d_out, d_in) == pytest.approx(want), (scale, d_out, d_in)
 
 
+def test_adamw_equals_torch_optim_adamw_bit_for_bit_and_keeps_8_bytes_per_parameter():
+    torch.manual_seed(0)
+    for foreach in (False, True):  # torch's per-tensor loop and its fused-list path: both agree with ours
+        ours = [nn.Parameter(torch.randn(48, 96)), nn.Parameter(torch.randn(96)), nn.Parameter(torch.randn(7, 5))]
+        theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+        a = muon.AdamW(ours, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+        b = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=foreach)
+        for _ in range(10):  # past the first steps, where the bias corrections matter most
+            for p, q in zip(ours, theirs):
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+            a.step()
+            b.step()
+            # Same operations in the same order in float32: equal to the last bit.
+            assert all(torch.equal(p, q) for p, q in zip(ours, theirs)), foreach
+    # m and v in float32: 8 bytes per parameter (the fp32 master copy of mixed precision makes zero.py's 12)
+    state_bytes = sum(t.nbytes for s in a.state.values() for t in s.values() if torch.is_tensor(t))
+    assert state_bytes == 2 * 4 * sum(p.numel() for p in ours)
+
+
 @pytest.mark.parametrize("scale, adjust", [("keller", "original"), ("moonlight", "match_rms_adamw")])
-def test_two_steps_equal_torch_optim_muon(scale, adjust):
+def test_three_steps_equal_torch_optim_muon_bit_for_bit(scale, adjust):
     torch.manual_seed(0)
     ours = [nn.Parameter(torch.randn(48, 96) * 0.1), nn.Parameter(torch.randn(96, 48) * 0.1)]
     theirs = [nn.Parameter(p.detach().clone()) for p in ours]
     a = muon.Muon(ours, lr=0.02, weight_decay=0.1, scale=scale, ns_dtype=torch.bfloat16)
     b = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust)
-    for _ in range(2):  # the second step goes through the momentum buffer
-        before = [p.detach().clone() for p in ours]
+    for _ in range(3):  # the later steps go through the momentum buffer
         for p, q in zip(ours, theirs):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()
         a.step()
         b.step()
-        for p, q, p0 in zip(ours, theirs, before):
-            # Both run Newton-Schulz in bf16 (8 bits of mantissa). Measured against a float64 Newton-Schulz, either
-            # implementation's update is off by about 1.6 % of its norm (rounding compounded over 5 steps), so two
-            # correct ones can differ by up to about twice that: 4 %. A wrong scale or momentum is off by far more.
-            du, dv = p.detach() - p0, q.detach() - p0
-            assert (du - dv).norm() / dv.norm() < 0.04
+        # The same bf16 Newton-Schulz (addmm-fused), momentum lerp and scale: equal to the last bit; a 0.5 %
+        # learning-rate error or a momentum off by one ulp would not be.
+        assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+
+
+# Equal-sized groups: numel 512 (four matrices, two shapes), 576 (two), 320 (one): rounds of N, with padding.
+SHAPES = [(16, 32), (32, 16), (24, 24), (16, 32), (8, 40), (24, 24), (16, 32)]
+GROUP_SIZES = {512: 4, 576: 2, 320: 1}
+TINY = dict(n_layer=1, n_head=2, d_model=32, seq_len=16)
 
 
 def _distributed_equals_single():
     torch.manual_seed(0)
-    shapes = [(16, 32), (32, 16), (24, 24), (8, 40), (40, 8)]
-    ps = [nn.Parameter(torch.randn(*s)) for s in shapes]
+    ps = [nn.Parameter(torch.randn(*s)) for s in SHAPES]
     ref = [nn.Parameter(p.detach().clone()) for p in ps]
     opt, ref_opt = muon.Muon(ps, lr=0.05, distributed=True), muon.Muon(ref, lr=0.05)
-    for step in range(3):
-        for p, q in zip(ps, ref):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        opt.step()
-        ref_opt.step()
-    for p, q in zip(ps, ref):
-        # the same arithmetic on another rank; the BLAS may block a matmul differently for differently aligned
-        # buffers, so allow float32 rounding (a wrong owner or a missing broadcast would be off by whole updates)
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
-    return opt.ns_calls
+    with muon.CommCounter() as counter:
+        for step in range(3):
+            for p, q in zip(ps, ref):
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+            opt.step()
+            ref_opt.step()
+    # The same arithmetic on the same numbers, whichever rank did it: equal to the last bit (a wrong owner, a
+    # missing gather or a row put in the wrong place would be off by whole updates).
+    equal = all(torch.equal(p, q) for p, q in zip(ps, ref))
+    losses = muon.train("adamw", 3, cfg=muon.GPTConfig(**TINY), batch_size=6, data=muon.load_text(max_bytes=100_000))
+    return opt.ns_calls, counter.totals(), equal, losses["losses"]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_distributed_muon_equals_single_process_and_divides_the_work(world_size):
-    calls = run_distributed(_distributed_equals_single, world_size)
-    # 5 matrices × 3 steps, matrix i on rank i mod N
-    assert calls == [3 * len(range(r, 5, world_size)) for r in range(world_size)]
+    results = run_distributed(_distributed_equals_single, world_size)
+    assert all(equal for _, _, equal, _ in results)
+    # in each group of k matrices, rank r takes the r-th, (r+N)-th, ...; 3 steps
+    assert [calls for calls, _, _, _ in results] == [
+        3 * sum(len(range(r, k, world_size)) for k in GROUP_SIZES.values()) for r in range(world_size)]
+    # per step, ⌈k/N⌉ all-gathers per group, each sending one float32 matrix of the group's size
+    rounds = {numel: -(-k // world_size) for numel, k in GROUP_SIZES.items()}
+    want = (3 * sum(rounds.values()), 3 * sum(r * numel * 4 for numel, r in rounds.items()))
+    assert all(totals == {"all_gather": want} for _, totals, _, _ in results)
+    # The logged loss is the whole batch's (the mean over the ranks' slices), the same on every rank, and equals
+    # a single process's on the whole batch; float32 sums in another order: 1e-5. A rank's own loss (2 or 3
+    # sequences) is not the batch's: it differs from the mean far beyond rounding.
+    single = muon.train("adamw", 3, cfg=muon.GPTConfig(**TINY), batch_size=6, data=muon.load_text(max_bytes=100_000))
+    for _, _, _, losses in results:
+        assert losses == results[0][3]
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+
+
+def test_lr_transfer_prints_the_best_rate_per_width_from_its_own_runs(capsys):
+    tiny = ["--n-layer", "1", "--n-head", "2", "--seq-len", "16", "--batch-size", "4", "--data", muon.os.__file__]
+    t = muon.main(["--lr-transfer", "--widths", "16,32", "--steps", "2"] + tiny)
+    out = capsys.readouterr().out
+    # one cell recomputed by a plain training run at that width, scale and rate (a sweep that ignored the width,
+    # the scale or the rate would not match it)
+    cfg = muon.GPTConfig(n_layer=1, n_head=2, seq_len=16, d_model=32)
+    lr = muon.LR_GRID["moonlight"][1]
+    cell = muon.train("muon", 2, lr, "moonlight", cfg, batch_size=4, data=muon.load_text(muon.os.__file__))
+    assert t["val_loss"][("moonlight", 32)][1] == cell["val_loss"]
+    assert len(set(map(tuple, t["val_loss"].values()))) == 4  # four different sweeps
+    for scale in ("none", "moonlight"):
+        for d in (16, 32):  # the best is the argmin of the measured losses
+            losses = t["val_loss"][(scale, d)]
+            assert t["best"][(scale, d)] == muon.LR_GRID[scale][losses.index(min(losses))]
+        best = ", ".join(f"d = {d}: {t['best'][(scale, d)]:g}" for d in (16, 32))
+        assert f"best lr per width: {best}" in out
 
 
 def test_split_params_gives_matrices_to_muon_and_the_rest_to_adamw():
@@ -102,9 +157,12 @@ def test_muon_beats_adamw_on_the_default_corpus():
     assert r_muon["val_loss"] < r_adam["val_loss"] - 0.05
 
 
-def test_readme_torchrun_line_runs():
+def test_readme_torchrun_line_runs_and_counts_the_all_gathers():
     out = run_torchrun(readme_command("muon.py"), "--steps 5").stdout
     assert "validation loss" in out
+    # the all-gathers counted from outside (CommCounter) equal the formula Σ⌈k/N⌉·numel·bytes
+    counted = re.search(r"counted: (\S+) calls, (\S+) KiB .* formula .*: (\S+) calls, (\S+) KiB", out)
+    assert counted and counted[1] == counted[3] and counted[2] == counted[4], out
 
 
 def test_bad_input(capsys):
@@ -114,3 +172,6 @@ def test_bad_input(capsys):
         muon.Muon([nn.Parameter(torch.zeros(2, 3, 4, 5))])
     assert "--scale big: choose one of none, keller, mup, moonlight" in cli_error(muon.main, ["--scale", "big"], capsys)
     assert "--lr -1.0: the learning rate must be positive" in cli_error(muon.main, ["--lr", "-1"], capsys)
+    assert "--widths: 250 is not a positive multiple of --n-head 4 (try 248)" in cli_error(
+        muon.main, ["--lr-transfer", "--widths", "64,250"], capsys)
+    assert "--widths 64,x: give comma-separated integers" in cli_error(muon.main, ["--widths", "64,x"], capsys)
