@@ -152,11 +152,13 @@ class RowParallelLinear(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x):
+        # BEGIN SOLUTION
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, self.group)  # (B, T, in/N)
         partial_sum = F.linear(x, self.weight)
         y = reduce_scatter_to_sp_region(partial_sum, self.group) if self.sequence_parallel \
             else reduce_from_tp_region(partial_sum, self.group)
+        # END SOLUTION
         return y if self.bias is None else y + self.bias
 
 
@@ -205,17 +207,20 @@ class VocabParallelEmbedding(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, idx):
+        # BEGIN SOLUTION
         local = idx - self.start
         outside = (local < 0) | (local >= self.per_rank)
         x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_scatter_to_sp_region(x, self.group) if self.sequence_parallel \
             else reduce_from_tp_region(x, self.group)
+        # END SOLUTION
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, start, group):
         # logits: (N_tokens, V/N), this rank's columns. Three all-reduces of N_tokens numbers each; never V.
+        # BEGIN SOLUTION
         logits = logits.float()
         row_max = logits.max(dim=-1).values
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
@@ -229,6 +234,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target_logit = _all_reduce(target_logit, group)
         ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local, mine)
         return (sum_exp.log() - target_logit).mean()
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx, grad):

@@ -21,6 +21,25 @@ def tolerance(dtype, n, max_abs):
     return dict(rtol=0, atol=n * n * torch.finfo(dtype).eps * max_abs)
 
 
+@pytest.mark.parametrize("numel, n", [(1, 4), (7, 4), (8, 4), (12, 3), (5, 1)])
+def test_pad_chunks_rows_are_consecutive_slices_then_zeros(numel, n):
+    x = torch.arange(1, numel + 1).view(numel, 1)  # values from 1, so padding (0) is told apart; 2-D: flattened
+    c = -(-numel // n)  # ceil(numel / N) elements per chunk
+    values = list(range(1, numel + 1)) + [0] * (n * c - numel)
+    expected = torch.tensor([[values[i * c + j] for j in range(c)] for i in range(n)])  # row i = slice i, built by hand
+    got = collectives.pad_chunks(x, n)
+    assert got.dtype == x.dtype and torch.equal(got, expected)
+
+
+# Each ring phase is N-1 steps of one chunk of ceil(numel/N) elements (padding included), computed by hand here;
+# the distributed test below checks the bytes really sent against the same count.
+@pytest.mark.parametrize("numel, e, n, phase", [(1000, 4, 4, 3 * 250 * 4), (7, 8, 4, 3 * 2 * 8), (1, 4, 2, 1 * 1 * 4),
+                                                (65539, 2, 3, 2 * 21847 * 2), (10, 4, 1, 0)])
+def test_ring_bytes_formula_by_hand(numel, e, n, phase):
+    want = {"ring_reduce_scatter": phase, "ring_all_gather": phase, "ring_all_reduce": 2 * phase}
+    assert collectives.ring_bytes_formula(numel, e, n) == want
+
+
 def _counted(fn):
     """fn()'s result and its {op: (calls, bytes)}, counted from outside by the script's CommCounter."""
     with collectives.CommCounter() as counter:
