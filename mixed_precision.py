@@ -1,11 +1,14 @@
-"""Mixed precision: FP32, FP16, BF16 and FP8 — the formats measured, loss scaling, autocast, FP8 with scales.
+"""Mixed precision: FP32, FP16, BF16 and FP8 — the formats measured, loss scaling, master weights, FP8 with scales.
 
 A float is sign · 2^exponent · 1.mantissa. The exponent bits set the range, the mantissa bits the precision:
 BF16 keeps FP32's 8 exponent bits (same range, 3 significant digits) while FP16 has 5 (max 65504, and gradients
 below 6e-8 become 0). So BF16 trains without help, and FP16 needs loss scaling: multiply the loss by S before
 backward, divide the gradients by S after, and back off when something overflows. Mixed-precision Adam holds
 
-    2 (fp16/bf16 weights) + 2 (gradients) + 4 (fp32 master weights) + 4 + 4 (Adam m, v) = 16 bytes per parameter.
+    2 (fp16 weights) + 4 (fp32 gradients) + 4 (fp32 master weights) + 4 + 4 (Adam m, v) = 18 bytes per parameter
+
+at its peak (counted from the tensors): torch's AdamW steps fp32 weights with fp32 gradients, so each fp16 gradient
+is copied up and freed. The textbook 2 + 2 + 12 = 16 needs a fused step that reads the fp16 gradients directly.
 
 FP8 (E4M3 for weights and activations, E5M2 for gradients) has so little range that every tensor must carry its
 own scale: per tensor from the current or recent amax, or per block as in DeepSeek-V3.
@@ -29,6 +32,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+# torch.optim imports torch.distributed.nn on first use, which binds the live process group into its functions'
+# defaults: destroy_process_group could not free it, and its threads died with the interpreter (a rare SIGABRT).
+import torch.distributed.nn  # noqa: F401  imported before any group exists, it binds None
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -40,9 +46,8 @@ _SAME_WIDTH_INT = {32: torch.int32, 16: torch.int16, 8: torch.uint8}
 
 
 def format_table() -> list[dict]:
-    """Each format's layout and range, derived from torch.finfo and from its bit patterns (nothing typed in):
-    mantissa bits m from eps = 2^-m, exponent bits = total - 1 - m, and the smallest subnormal by decoding the bit
-    pattern 0...01."""
+    """Each format's layout and range, derived from torch.finfo and its bit patterns (nothing typed in): mantissa
+    bits m from eps = 2^-m, exponent bits = total - 1 - m, the smallest subnormal by decoding the bits 0...01."""
     rows = []
     for name, dtype in FORMATS.items():
         fi = torch.finfo(dtype)
@@ -71,10 +76,8 @@ class DynamicLossScaler:
 
     def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000):
         self.scale_value, self.growth_factor, self.backoff_factor = init_scale, growth_factor, backoff_factor
-        self.growth_interval = growth_interval
-        self.clean_steps = 0
+        self.growth_interval, self.clean_steps, self.overflows, self.growths = growth_interval, 0, 0, 0
         self.found_inf = None  # None: not unscaled yet this step
-        self.overflows = self.growths = 0
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale_value
@@ -111,8 +114,9 @@ class DynamicLossScaler:
 
 
 class MasterWeights:
-    """The fp16 recipe's optimizer: the model holds fp16 parameters (2 bytes) and fp16 gradients (2 bytes); the
-    optimizer holds an fp32 master copy (4) and Adam's m and v (4 + 4) and steps those. 2 + 2 + 12 = 16 bytes."""
+    """The fp16 recipe's optimizer: the model holds fp16 parameters and gradients; the optimizer steps an fp32 master
+    copy with Adam's m and v (4 + 4 + 4 bytes). torch's AdamW needs fp32 gradients for fp32 weights, so copy_grads
+    makes them and frees each fp16 gradient once copied: 2 + 4 + 12 = 18 bytes per parameter at the peak, not 20."""
 
     def __init__(self, model: nn.Module, optimizer_cls=torch.optim.AdamW, **kwargs):
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -123,6 +127,7 @@ class MasterWeights:
     def copy_grads(self) -> None:
         for p, m in zip(self.params, self.master):
             m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None  # the recipe never reads it again: keeping it would hold 2 more bytes per parameter
 
     def step(self) -> None:
         self.optimizer.step()
@@ -158,11 +163,9 @@ class ScaleTracker:
         self.history = collections.deque(maxlen=history_len)
 
     def scale(self, t: torch.Tensor) -> torch.Tensor:
-        amax = t.detach().abs().max().float()
+        amax = used = t.detach().abs().max().float()
         if self.mode == "delayed" and self.history:
             used = max(self.history) if self.algo == "max" else self.history[-1]
-        else:
-            used = amax
         self.history.append(amax)
         return torch.finfo(self.fmt).max / torch.clamp(used, min=1e-12)
 
@@ -174,42 +177,69 @@ def quantize(t: torch.Tensor, fmt, scale: torch.Tensor) -> torch.Tensor:
 
 def block_quantize(t: torch.Tensor, fmt, block: tuple[int, int]) -> torch.Tensor:
     """DeepSeek-V3's fine-grained scaling: one scale per (rows × cols) block, here returned dequantised (fp8 values
-    times their block's 1/s, in fp32): a CPU has no blockwise fp8 matmul, but the rounding is exactly fp8's."""
+    times their block's 1/s, in fp32): PyTorch has no blockwise FP8 GEMM to call, but the rounding is exactly fp8's."""
     R, C = t.shape
     br, bc = min(block[0], R), min(block[1], C)
     pr, pc = -R % br, -C % bc
-    x = F.pad(t.float(), (0, pc, 0, pr)).view((R + pr) // br, br, (C + pc) // bc, bc)
-    amax = x.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12)
+    x = F.pad(t.float(), (0, pc, 0, pr)).view((R + pr) // br, br, (C + pc) // bc, bc)  # (row blocks, br, col blocks, bc)
+    amax = x.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-12)  # one per block: (row blocks, 1, col blocks, 1)
     s = torch.finfo(fmt).max / amax
-    deq = (x * s).clamp(-torch.finfo(fmt).max, torch.finfo(fmt).max).to(fmt).float() / s
-    return deq.view(R + pr, C + pc)[:R, :C]
+    return (quantize(x, fmt, s).float() / s).view(R + pr, C + pc)[:R, :C]
 
 
-def fp8_matmul(a_q, b_q, a_scale, b_scale) -> torch.Tensor:
-    """(a_q/a_scale) @ (b_q/b_scale) in fp32, by torch._scaled_mm where it runs (it multiplies by its scales, so we
-    give it the inverses); else by dequantising first."""
-    try:
-        return torch._scaled_mm(a_q, b_q, scale_a=(1 / a_scale).float(), scale_b=(1 / b_scale).float(),
-                                out_dtype=torch.float32)
-    except (RuntimeError, NotImplementedError):
+# The FP8 GEMM is torch._scaled_mm(a, b): a (M, K) @ b (K, N) with fp32 scales, built on cuBLASLt on CUDA. Its rules
+# there: a GPU of compute capability 8.9 or newer (Ada, Hopper), float8 operands (not both E5M2), a row-major and
+# b column-major (the reduction dimension K contiguous in both), and K and N multiples of 16.
+def scaled_mm_problem(a: torch.Tensor, b: torch.Tensor, capability: tuple[int, int] | None = None) -> str | None:
+    """Why torch._scaled_mm on CUDA refuses a @ b, or None if it takes them."""
+    if capability is not None and tuple(capability) < (8, 9):
+        return (f"FP8 GEMMs need a GPU of compute capability 8.9 or newer (Ada, Hopper); this one is "
+                f"{capability[0]}.{capability[1]} (use --recipe bf16, or --fp8-scaling block, which is emulated)")
+    if {a.dtype, b.dtype} - {E4M3, E5M2} or a.dtype == b.dtype == E5M2:
+        return f"operands must be float8 and not both E5M2, got {a.dtype} and {b.dtype}"
+    (M, K), N = a.shape, b.shape[1]
+    if K % 16 or N % 16:
+        return f"K and N must be multiples of 16, got (M, K) @ (K, N) = ({M}, {K}) @ ({K}, {N})"
+    if a.stride(1) != 1 or b.stride(0) != 1:
+        return "a must be row-major and b column-major (the reduction dimension contiguous in both)"
+    return None
+
+
+def fp8_matmul(a_q, b_q, a_scale, b_scale, emulate: bool = False) -> torch.Tensor:
+    """(a_q / a_scale) @ (b_q / b_scale) in fp32, by the FP8 GEMM (it multiplies by the scales it is given, so it gets
+    the inverses), or emulated: dequantise, multiply in fp32 (FP8's rounding, not its speed). On CUDA an operand the
+    GEMM cannot take is an error that says why, never a quiet fallback to the emulation."""
+    if emulate:
         return (a_q.float() / a_scale) @ (b_q.float() / b_scale)
+    if a_q.device.type == "cuda":
+        problem = scaled_mm_problem(a_q, b_q, torch.cuda.get_device_capability(a_q.device))
+        if problem:
+            raise ValueError(f"torch._scaled_mm: {problem}")
+    return torch._scaled_mm(a_q, b_q, scale_a=(1 / a_scale).float(), scale_b=(1 / b_scale).float(),
+                            out_dtype=torch.float32)
+
+
+# The two paths an Fp8Linear can take, reported by the demo: the FP8 GEMM, or (block scaling) its emulation.
+SCALED_MM, EMULATED = "torch._scaled_mm", "an emulation (fp8 rounding, fp32 matmul)"
 
 
 class _Fp8Linear(torch.autograd.Function):
+    """y = x @ w^T with x, w in E4M3, and its backward with the output gradient gy in E5M2.
+    M = tokens, K = in_features, N = out_features: x (M, K), w (N, K), y and gy (M, N)."""
+
     @staticmethod
     def forward(ctx, x, weight, layer):
-        x = x.float()
-        if layer.scaling == "block":  # 1×128 tiles for activations, 128×128 blocks for weights
+        ctx.layer = layer
+        if layer.scaling == "block":  # 1×128 tiles for activations, 128×128 blocks for weights: emulated
             xd, wd = block_quantize(x, E4M3, (1, 128)), block_quantize(weight, E4M3, (128, 128))
             ctx.save_for_backward(xd, wd)
-            ctx.layer = layer
             return xd @ wd.t()
         sx, sw = layer.x_tracker.scale(x), layer.w_tracker.scale(weight)
         xq, wq = quantize(x, E4M3, sx), quantize(weight, E4M3, sw)
         ctx.save_for_backward(xq, wq, sx, sw)
-        ctx.layer = layer
-        # _scaled_mm wants its second operand column-major: wq.t() of a row-major wq is
-        return fp8_matmul(xq, wq.t(), sx, sw)
+        # The FP8 GEMM wants the reduction dimension K contiguous in both operands: x (M, K) is row-major, and
+        # wq.t() is a free view of the row-major wq (N, K) as a column-major (K, N). Nothing is copied.
+        return fp8_matmul(xq, wq.t(), sx, sw, emulate=layer.gemm == EMULATED)
 
     @staticmethod
     def backward(ctx, gy):
@@ -217,39 +247,50 @@ class _Fp8Linear(torch.autograd.Function):
         if layer.scaling == "block":
             xd, wd = ctx.saved_tensors
             gd = block_quantize(gy, E5M2, (1, 128))
-            return gd @ wd, gd.t() @ xd, None
+            return gd @ wd, gd.t() @ xd, None  # (M, N) @ (N, K), (N, M) @ (M, K)
         xq, wq, sx, sw = ctx.saved_tensors
-        sg = layer.g_tracker.scale(gy)
+        emulate, sg = layer.gemm == EMULATED, layer.g_tracker.scale(gy)
         gq = quantize(gy, E5M2, sg)
-        grad_x = fp8_matmul(gq, wq.t().contiguous().t(), sg, sw)  # (M, N) @ (N, K)
-        grad_w = fp8_matmul(gq.t().contiguous(), xq.t().contiguous().t(), sg, sx)  # (N, M) @ (M, K)
+        # grad_x = gy @ w: (M, N) @ (N, K), reduced over N. gq is row-major, N contiguous: as it is. wq is stored
+        # (N, K) with K contiguous, so it is transposed in memory: wq.t().contiguous() is (K, N) row-major, and
+        # its .t() view is the (N, K) operand in column-major order, N contiguous.
+        grad_x = fp8_matmul(gq, wq.t().contiguous().t(), sg, sw, emulate)
+        # grad_w = gy^T @ x: (N, M) @ (M, K), reduced over the M tokens. Both gq (M, N) and xq (M, K) keep M as
+        # their slow dimension, so both are transposed in memory: gq.t().contiguous() is (N, M) row-major, and
+        # xq.t().contiguous().t() is (M, K) column-major. (FP8 training libraries keep transposed copies for this.)
+        grad_w = fp8_matmul(gq.t().contiguous(), xq.t().contiguous().t(), sg, sx, emulate)
         return grad_x, grad_w, None
 
 
 class Fp8Linear(nn.Module):
     """A drop-in for nn.Linear whose matmuls run in FP8: input and weight in E4M3, the output gradient in E5M2,
-    every tensor with its own scale. Master weights, bias and output stay fp32."""
+    every tensor with its own scale. Master weights, bias and output stay fp32. `gemm` says which path runs: the
+    FP8 GEMM, or its emulation for block scaling (PyTorch has no blockwise FP8 GEMM to call)."""
 
-    def __init__(self, in_features, out_features, bias=True, scaling="current", history_len=16, amax_algo="max"):
+    def __init__(self, in_features, out_features, bias=True, scaling="current", history_len=16, amax_algo="max",
+                 device=None):
         super().__init__()
         if scaling not in ("current", "delayed", "block"):
             raise ValueError(f"unknown scaling {scaling!r}: current, delayed or block")
         self.in_features, self.out_features, self.scaling = in_features, out_features, scaling
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         nn.init.normal_(self.weight, std=0.02)
         mode = "current" if scaling == "block" else scaling
         self.x_tracker, self.w_tracker = (ScaleTracker(E4M3, mode, history_len, amax_algo) for _ in range(2))
         self.g_tracker = ScaleTracker(E5M2, mode, history_len, amax_algo)
+        self.gemm = EMULATED if scaling == "block" else SCALED_MM
 
     def forward(self, x):
-        y = _Fp8Linear.apply(x.reshape(-1, self.in_features), self.weight, self)
-        y = y.view(*x.shape[:-1], self.out_features)
+        y = _Fp8Linear.apply(x.reshape(-1, self.in_features).float(), self.weight, self)  # (M, K) -> (M, N)
+        y = y.view(*x.shape[:-1], self.out_features)  # (B, T, N)
         return y if self.bias is None else y + self.bias
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "Fp8Linear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
+        """The same layer, on the same device, with the same weights."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
+                    **kwargs)
         with torch.no_grad():
             layer.weight.copy_(linear.weight)
             if linear.bias is not None:
@@ -260,11 +301,10 @@ class Fp8Linear(nn.Module):
 def convert_to_fp8(model: nn.Module, **kwargs) -> nn.Module:
     """Swap every nn.Linear inside the transformer blocks for an Fp8Linear with the same weights. The output head
     (and the embeddings) stay in high precision: the logits' small differences decide the loss."""
-    for block in model.blocks:
-        for name, child in list(block.named_modules()):
-            for attr, sub in list(child.named_children()):
-                if isinstance(sub, nn.Linear):
-                    setattr(child, attr, Fp8Linear.from_linear(sub, **kwargs))
+    for parent in [m for block in model.blocks for m in block.modules()]:
+        for attr, sub in list(parent.named_children()):
+            if isinstance(sub, nn.Linear):
+                setattr(parent, attr, Fp8Linear.from_linear(sub, **kwargs))
     return model
 
 
@@ -273,81 +313,82 @@ def convert_to_fp8(model: nn.Module, **kwargs) -> nn.Module:
 RECIPES = ("fp32", "bf16", "fp16", "fp8")
 
 
-def check_recipe(recipe: str, device) -> None:
-    """One clear line if this device cannot run the recipe."""
+def check_recipe(recipe: str, device: torch.device, fp8_scaling: str = "current") -> None:
+    """One clear line if this device cannot run the recipe. It touches the device: call it after set_device."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}: choose from {', '.join(RECIPES)}")
-    dtype = {"fp16": torch.float16, "fp8": E4M3, "bf16": torch.bfloat16}.get(recipe)
-    if dtype is None:
-        return
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": E4M3}.get(recipe, torch.float32)
     try:
-        if recipe == "fp8":
-            one = torch.ones((), device=device)
-            a = torch.ones(16, 16, device=device).to(E4M3)
-            fp8_matmul(a, a.t(), one, one)
-        else:
-            torch.ones(4, 4, dtype=dtype, device=device) @ torch.ones(4, 4, dtype=dtype, device=device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{recipe} does not run on {device} ({str(e).splitlines()[0][:80]}): use bf16 or fp32") from e
+        one, a = torch.ones((), device=device), torch.ones(16, 16, device=device).to(dtype)
+        fp8_matmul(a, a.t(), one, one, emulate=fp8_scaling == "block") if recipe == "fp8" else a @ a
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+        hint = " (--fp8-scaling block runs an emulation)" if recipe == "fp8" else ""
+        raise ValueError(f"--recipe {recipe} does not run on {device}: {str(e).splitlines()[0][:200]}{hint}") from e
 
 
-def bytes_per_param(model, optimizer) -> dict:
-    """Bytes per model parameter that this recipe holds, counted from the tensors themselves."""
-    params = [p for p in model.parameters()]
+def held_bytes(model: nn.Module, optimizer) -> dict:
+    """Bytes per model parameter that the recipe's tensors occupy right now, read from the tensors: the model's
+    parameters; the gradients (the model's, and the master copy's); the optimizer's master copy and states."""
+    total = lambda tensors: sum(t.numel() * t.element_size() for t in tensors if t is not None)  # noqa: E731
+    params, master = list(model.parameters()), getattr(optimizer, "master", [])  # a tied weight counts once
+    inner = getattr(optimizer, "optimizer", optimizer)
+    states = [t for s in inner.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     n = sum(p.numel() for p in params)
-    inner = optimizer.optimizer if isinstance(optimizer, MasterWeights) else optimizer
-    states = [t for s in inner.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.numel() > 1]
-    master = sum(m.numel() * m.element_size() for m in optimizer.master) if isinstance(optimizer, MasterWeights) else 0
-    return {"params": sum(p.numel() * p.element_size() for p in params) / n,
-            "grads": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None) / n,
-            "optimizer": (master + sum(t.numel() * t.element_size() for t in states)) / n}
+    return {"params": total(params) / n, "grads": total([p.grad for p in params] + [m.grad for m in master]) / n,
+            "optimizer": total(master + states) / n}
+
+
+def train_step(model, opt, scaler, x, y, bf16_autocast: bool = False) -> tuple[torch.Tensor, bool, dict]:
+    """One step. Returns the loss, whether the optimizer stepped, and the most bytes per parameter the recipe's
+    tensors held between the step's operations (after backward, after copying gradients to fp32, after the step)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+        loss = model(x, y)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    held, took = [held_bytes(model, opt)], True
+    if scaler is None:
+        opt.step()
+    else:
+        opt.copy_grads()  # fp16 gradients (still scaled) -> fp32 master gradients; each fp16 one freed once copied
+        held.append(held_bytes(model, opt))
+        took = scaler.step(opt)  # unscale, look for inf/NaN, step unless one was found
+        scaler.update()
+    held.append(held_bytes(model, opt))
+    opt.zero_grad()
+    return loss.detach(), took, max(held, key=lambda b: sum(b.values()))
 
 
 def train(recipe: str = "fp32", steps: int = 100, cfg: GPTConfig | None = None, batch_size: int = 16, lr: float = 1e-3,
           data=None, device="cpu", seed: int = 0, log_every: int = 0, fp8_scaling: str = "current") -> dict:
     """Train TinyGPT with one precision recipe; the same seed and batches for every recipe."""
-    cfg = cfg or GPTConfig()
-    device = torch.device(device)
-    check_recipe(recipe, device)
+    cfg, device = cfg or GPTConfig(), torch.device(device)
+    check_recipe(recipe, device, fp8_scaling)
     data = load_text() if data is None else data
     torch.manual_seed(seed)
-    model = TinyGPT(cfg).to(device)
+    model, scaler = TinyGPT(cfg).to(device), None
     if recipe == "fp8":
         convert_to_fp8(model, scaling=fp8_scaling)
-    scaler = None
     if recipe == "fp16":
         model.half()
-        opt = MasterWeights(model, lr=lr, weight_decay=0.1)
-        scaler = DynamicLossScaler(growth_interval=50)
+        opt, scaler = MasterWeights(model, lr=lr, weight_decay=0.1), DynamicLossScaler(growth_interval=50)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
-    losses, times, skipped, per_param = [], [], 0, None
+    losses, times, skipped, peak = [], [], 0, {}
     for step in range(steps):
         x, y = (t.to(device) for t in get_batch(data, batch_size, cfg.seq_len, gen))
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe == "bf16"):
-            loss = model(x, y)
-        if scaler:
-            scaler.scale(loss).backward()
-            opt.copy_grads()  # fp16 gradients into the fp32 master copy, still scaled
-            scaler.unscale_(opt)
-            skipped += not scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        if step == steps - 1:
-            per_param = bytes_per_param(model, opt)
-        opt.zero_grad()
-        times.append(time.perf_counter() - t0)
+        t0 = now(device)
+        loss, took, held = train_step(model, opt, scaler, x, y, bf16_autocast=recipe == "bf16")
         losses.append(loss.item())
+        times.append(now(device) - t0)
+        skipped += not took
+        peak = max(peak, held, key=lambda b: sum(b.values()))
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"{recipe} | step {step + 1}/{steps} | loss {losses[-1]:.3f} | {times[-1] * 1e3:.0f} ms", flush=True)
+    gemms = sorted({f"{m.gemm} on {m.weight.device.type}" for m in model.modules() if isinstance(m, Fp8Linear)})
     return {"recipe": recipe, "losses": losses, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-            "ms_per_step": statistics.median(times) * 1e3, "bytes_per_param": per_param, "skipped_steps": skipped,
+            "ms_per_step": statistics.median(times) * 1e3, "bytes_per_param": peak, "skipped_steps": skipped,
             "overflows": scaler.overflows if scaler else 0, "growths": scaler.growths if scaler else 0,
-            "final_scale": scaler.scale_value if scaler else None}
+            "fp8_gemm": ", ".join(gemms) or None, "fp8_scaling": fp8_scaling if recipe == "fp8" else None}
 
 
 def print_formats() -> None:
@@ -366,47 +407,74 @@ def print_formats() -> None:
 
 def print_compare(results: list[dict]) -> None:
     base = results[0]["final_loss"]
-    print(f"\n{'recipe':<6} | {'final loss':>10} {'gap to fp32':>11} | {'bytes/param: params':>19} {'grads':>6} "
+    print(f"\n{'recipe':<6} | {'final loss':>10} {'gap to fp32':>11} | {'peak bytes/param: params':>24} {'grads':>6} "
           f"{'optimizer':>9} {'total':>6} | {'overflows':>9} {'growths':>7} {'skipped':>7} | {'ms/step':>8}")
     for r in results:
         b = r["bytes_per_param"]
-        print(f"{r['recipe']:<6} | {r['final_loss']:>10.4f} {r['final_loss'] - base:>+11.4f} | {b['params']:>19.2f} "
+        print(f"{r['recipe']:<6} | {r['final_loss']:>10.4f} {r['final_loss'] - base:>+11.4f} | {b['params']:>24.2f} "
               f"{b['grads']:>6.2f} {b['optimizer']:>9.2f} {sum(b.values()):>6.2f} | {r['overflows']:>9} "
               f"{r['growths']:>7} {r['skipped_steps']:>7} | {r['ms_per_step']:>8.1f}")
-    print("(final loss = mean of the last 10 steps' training losses; fp16 = fp16 weights and activations with fp32 "
-          "master weights and Adam states: 2 + 2 + 12 = 16 bytes)")
+    print("(final loss = mean of the last 10 steps' losses; peak bytes/param = the most the recipe's tensors held "
+          "between operations, counted from them: fp16 = 2 + 4 (fp32 master gradients) + 12 (master, m, v) = 18)")
+    for r in (r for r in results if r["fp8_gemm"]):  # the path every Fp8Linear took
+        print(f"fp8 ({r['fp8_scaling']} scaling) ran its matmuls with {r['fp8_gemm']}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--formats", action="store_true", help="print the format table and the demonstrations")
-    p.add_argument("--compare", action="store_true", help="train with every recipe, same seed and data")
-    p.add_argument("--recipe", default="bf16", help=f"a single run: {', '.join(RECIPES)}")
-    p.add_argument("--fp8-scaling", choices=["current", "delayed", "block"], default="current")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3, help="at 3e-3 this tiny model leaves a plateau at a step that "
-                   "rounding can shift, and the recipes' curves part; 1e-3 compares like with like")
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    args = p.parse_args(argv)
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--formats", action="store_true", help="print the format table and the demonstrations")
+    parser.add_argument("--compare", action="store_true", help="train with every recipe, same seed and data")
+    parser.add_argument("--recipe", default="bf16", help=f"a single run: {', '.join(RECIPES)}")
+    parser.add_argument("--fp8-scaling", choices=["current", "delayed", "block"], default="current",
+                        help="fp8 scales: per tensor from its own amax (current) or the amax history (delayed), or "
+                             "per 1×128 / 128×128 block (block; emulated)")
+    parser.add_argument("--steps", type=int, default=100, help="training steps per recipe")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (at 3e-3 the tiny model leaves a "
+                        "plateau at a step that rounding can shift, and the recipes' curves part)")
+    parser.add_argument("--n-layer", type=int, default=2, help="transformer blocks")
+    parser.add_argument("--n-head", type=int, default=4, help="attention heads (divides --d-model)")
+    parser.add_argument("--d-model", type=int, default=64, help="model width")
+    parser.add_argument("--seq-len", type=int, default=64, help="bytes per training sequence")
+    parser.add_argument("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    return parser
+
+
+def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag, whatever the mode, before any work: one line that names the flag and the fix."""
+    for flag in ("steps", "batch_size", "n_layer", "n_head", "d_model", "seq_len"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
+    if not args.lr > 0:
+        parser.error(f"--lr {args.lr} must be positive (try --lr 1e-3)")
+    if args.d_model % args.n_head:
+        parser.error(f"--n-head {args.n_head} does not divide --d-model {args.d_model} (try --n-head 4)")
+    if args.recipe not in RECIPES:
+        parser.error(f"--recipe {args.recipe}: unknown recipe {args.recipe!r}: choose from {', '.join(RECIPES)}")
+    on_cuda = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    fp8 = args.compare or args.recipe == "fp8"
+    if on_cuda and fp8 and args.fp8_scaling != "block" and (args.d_model % 16 or args.batch_size * args.seq_len % 16):
+        parser.error(f"--d-model {args.d_model}, --batch-size {args.batch_size}, --seq-len {args.seq_len}: the fp8 "
+                     f"recipe's FP8 GEMM needs the width and batch-size × seq-len to be multiples of 16 on CUDA")
+
+
+def main(argv=None) -> list[dict] | None:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
     if args.formats:
         return print_formats()
     recipes = list(RECIPES) if args.compare else [args.recipe]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        for r in recipes:
-            check_recipe(r, device)
         data = load_text(args.data)
     except ValueError as e:
-        p.error(str(e))
+        parser.error(str(e))
     cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
     rank, n, device = setup_distributed(args.device)
     try:
+        for r in recipes:  # it touches the device: after set_device, on every rank, before any work
+            check_recipe(r, device, args.fp8_scaling)
         # under torchrun the recipes are shared out: recipe i runs on rank i mod N, the results meet on rank 0
         mine = [train(r, args.steps, cfg, args.batch_size, args.lr, data, device, seed=0,
                       log_every=max(1, args.steps // 4), fp8_scaling=args.fp8_scaling)
@@ -417,6 +485,8 @@ def main(argv=None):
         if rank == 0:
             print_compare(results)
         return results
+    except ValueError as e:  # a recipe this device cannot run, or a text shorter than --seq-len: one line
+        parser.error(str(e))
     finally:
         cleanup()
 

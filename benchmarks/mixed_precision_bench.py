@@ -6,7 +6,6 @@ Run:   python benchmarks/mixed_precision_bench.py
 """
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -15,14 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mixed_precision as mp  # noqa: E402
 
 
-def median_ms(fn, repeats=20):
+def median_ms(fn, device="cpu", repeats=20):
+    """Median wall time of fn over `repeats` calls after one warm-up, read by the script's synchronising timer."""
     times = []
     for _ in range(repeats + 1):
-        t0 = time.perf_counter()
+        t0 = mp.now(device)
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(mp.now(device) - t0)
     return statistics.median(times[1:]) * 1e3
 
 
@@ -58,7 +56,8 @@ def main():
     for recipe in mp.RECIPES:
         r = mp.train(recipe, 20, data=data)
         base = base or r["ms_per_step"]
-        print(f"  {recipe:<5} {r['ms_per_step']:8.1f} ms  ({r['ms_per_step'] / base:.2f}x fp32)")
+        path = f"  (matmuls: {r['fp8_gemm']})" if r["fp8_gemm"] else ""
+        print(f"  {recipe:<5} {r['ms_per_step']:8.1f} ms  ({r['ms_per_step'] / base:.2f}x fp32){path}")
 
     if not torch.cuda.is_available():
         print("\nno CUDA device here: the FP8-vs-BF16 matmul comparison runs on a GPU machine")
@@ -68,8 +67,12 @@ def main():
     a16, b16 = a.bfloat16(), b.bfloat16()
     one = torch.ones((), device="cuda")
     a8, b8 = a.to(mp.E4M3), b.to(mp.E4M3).t().contiguous().t()
-    t16 = median_ms(lambda: a16 @ b16)
-    t8 = median_ms(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+    problem = mp.scaled_mm_problem(a8, b8, torch.cuda.get_device_capability())
+    if problem:
+        print(f"\nno FP8 GEMM on {torch.cuda.get_device_name()}: {problem}")
+        return
+    t16 = median_ms(lambda: a16 @ b16, "cuda")
+    t8 = median_ms(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), "cuda")
     flops = 2 * n ** 3
     print(f"\n{n}×{n} matmul on {torch.cuda.get_device_name()}: bf16 {flops / t16 / 1e9:.0f} TFLOP/s, "
           f"fp8 {flops / t8 / 1e9:.0f} TFLOP/s, fp8/bf16 speed {t16 / t8:.2f}x")
