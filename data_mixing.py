@@ -56,8 +56,10 @@ def plan_mixture(available: dict[str, float], weights: dict[str, float], total_t
         raise ValueError("the mixture weights must add up to more than 0")
     plan = {}
     for name, w in weights.items():
+        # BEGIN SOLUTION
         tokens = total_tokens * w / norm
         epochs = tokens / available[name] if available[name] else float("inf")
+        # END SOLUTION
         if epochs > max_epochs:
             raise ValueError(f"source {name} would be repeated {epochs:.1f} times, past --max-epochs {max_epochs:g}: "
                              f"give it a weight of at most {max_epochs * available[name] / total_tokens:.3g} "
@@ -399,6 +401,8 @@ def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device
         torch.cuda.set_device(local_rank)
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
     if not dist.is_initialized():
+        # torch.optim imports this lazily; imported after init it pins the group past cleanup and gloo aborts at exit
+        import torch.distributed.nn as _  # noqa: F401
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
         if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env

@@ -383,6 +383,7 @@ def minhash(shingle_set: set[str], num_perm: int = 128, seed: int = 1) -> np.nda
     """Classic MinHash, the simplest correct version: hash each shingle with SHA-1, permute the hash num_perm times,
     keep the minimum per permutation: P(two signatures agree at a position) = Jaccard(A, B). The product wraps
     mod 2^64 in uint64 as in datasketch, so this equals datasketch.MinHash(scheme="legacy") bit for bit."""
+    # BEGIN SOLUTION
     a, b = permutation_params(num_perm, seed)
     sig = np.full(num_perm, MAX_HASH, dtype=np.uint64)
     for s in shingle_set:  # datasketch's hash: the first 4 bytes of SHA-1, little-endian
@@ -390,6 +391,7 @@ def minhash(shingle_set: set[str], num_perm: int = 128, seed: int = 1) -> np.nda
         with np.errstate(over="ignore"):
             sig = np.minimum(sig, ((a * h + b) % np.uint64(MERSENNE_PRIME)) & np.uint64(MAX_HASH))
     return sig
+    # END SOLUTION
 
 _P = np.uint64(0x100000001B3)  # FNV's 64-bit prime; odd, so invertible modulo 2^64
 _P_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
@@ -468,6 +470,7 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weigh
     def integrate(f, lo, hi, n=2000):  # Simpson's rule: ~1e-12 here, so the optimum matches scipy's quad
         y = f(np.linspace(lo, hi, 2 * n + 1))
         return (hi - lo) / (6 * n) * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum())
+    # BEGIN SOLUTION
     best, opt = float("inf"), (0, 0)
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):
@@ -477,6 +480,7 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weigh
             if err < best:
                 best, opt = err, (b, r)
     return opt
+    # END SOLUTION
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """(n_docs, bands) 64-bit bucket keys: the rows of band i hashed together, seeded with the band number."""
@@ -753,6 +757,8 @@ def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device
         torch.cuda.set_device(local_rank)
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
     if not dist.is_initialized():
+        # torch.optim imports this lazily; imported after init it pins the group past cleanup and gloo aborts at exit
+        import torch.distributed.nn as _  # noqa: F401
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
         if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env

@@ -434,6 +434,8 @@ def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device
         torch.cuda.set_device(local_rank)
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
     if not dist.is_initialized():
+        # torch.optim imports this lazily; imported after init it pins the group past cleanup and gloo aborts at exit
+        import torch.distributed.nn as _  # noqa: F401
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
         if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env
@@ -467,9 +469,7 @@ class CommCounter:
                    "batch_isend_irecv": 0}
 
     def __init__(self):
-        self.events: list[tuple[str, str, int]] = []
-        self.phase = ""
-        self._originals = {}
+        self.events, self.phase, self._originals = [], "", {}  # events: (phase, op, bytes)
 
     def __enter__(self) -> "CommCounter":
         for op, arg in self.PAYLOAD_ARG.items():
