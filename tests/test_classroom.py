@@ -9,7 +9,13 @@ from classroom.exercises import EXERCISES
 def solution_lines(exercise) -> list[str]:
     lines = (ROOT / exercise.file).read_text().split("\n")
     begin, end = find_region(lines, exercise.function)
-    return [l.strip() for l in lines[begin + 1:end] if len(l.strip()) > 12 and not l.strip().startswith("#")]
+    inside, outside = False, set()  # boilerplate the reference also shows outside every region is no answer
+    for line in lines:
+        inside = (inside or line.strip() == "# BEGIN SOLUTION") and line.strip() != "# END SOLUTION"
+        if not inside:
+            outside.add(line.strip())
+    return [l.strip() for l in lines[begin + 1:end]
+            if len(l.strip()) > 12 and not l.strip().startswith("#") and l.strip() not in outside]
 
 
 def source(path: Path) -> str:

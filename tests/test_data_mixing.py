@@ -56,6 +56,15 @@ def test_a_source_past_the_epoch_limit_is_refused():
     assert plan["books"]["epochs"] == pytest.approx(4.0)
 
 
+def test_plan_mixture_normalises_the_weights_and_counts_fractional_epochs():
+    # weights 3:1 of 8,000 tokens, by hand: a gets 6,000 of its 4,000 (1.5 epochs), b 2,000 of its 4,000 (0.5)
+    plan = dm.plan_mixture({"a": 4000, "b": 4000}, {"a": 3, "b": 1}, 8000)
+    assert {k: (v["weight"], v["tokens"], v["epochs"]) for k, v in plan.items()} == {
+        "a": (0.75, 6000.0, 1.5), "b": (0.25, 2000.0, 0.5)}  # exact in binary floating point
+    with pytest.raises(ValueError, match="source a would be repeated 4.5 times"):  # 3 × 1.5: past the limit of 4
+        dm.plan_mixture({"a": 4000, "b": 4000}, {"a": 3, "b": 1}, 24000)
+
+
 def records(n):
     return [{"id": str(i), "source": f"f{i}.py" if i % 3 == 0 else f"f{i}.txt", "text": f"text {i} " * (i + 1)}
             for i in range(n)]

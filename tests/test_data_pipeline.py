@@ -200,6 +200,8 @@ def test_lsh_params_equal_datasketch():
     for threshold in (0.5, 0.6, 0.7, 0.8, 0.9):
         for num_perm in (64, 128, 256):
             assert dp.lsh_params(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5), (threshold, num_perm)
+    for fp_weight in (0.9, 0.1):  # unequal weights move the optimum, so each weight must land on its own area
+        assert dp.lsh_params(0.7, 64, fp_weight, 1 - fp_weight) == _optimal_param(0.7, 64, fp_weight, 1 - fp_weight)
 
 
 def exact_jaccard(a, b, n=5):
