@@ -44,11 +44,13 @@ def mesh_coordinates(world_size: int, dp: int, pp: int, tp: int) -> dict:
     """Which global ranks form each DP, PP and TP group of a (dp, pp, tp) grid with TP innermost."""
     if dp * pp * tp != world_size:
         raise ValueError(f"--dp {dp} × --pp {pp} × --tp {tp} = {dp * pp * tp}, not the world size {world_size}")
+    # BEGIN SOLUTION
     rank = lambda d, p, t: (d * pp + p) * tp + t
     return {"coords": [(r // (pp * tp), r // tp % pp, r % tp) for r in range(world_size)],
             "tp_groups": [[rank(d, p, t) for t in range(tp)] for d in range(dp) for p in range(pp)],
             "pp_groups": [[rank(d, p, t) for p in range(pp)] for d in range(dp) for t in range(tp)],
             "dp_groups": [[rank(d, p, t) for d in range(dp)] for p in range(pp) for t in range(tp)]}
+    # END SOLUTION
 
 
 # The Megatron split of a block in DTensor's words: q, k, v, fc1 by output columns, o, fc2 by input rows. Forward, o and
@@ -123,8 +125,10 @@ def run_pipeline(stage: Stage, schedule, x, y) -> list:
 def allreduce_tied_grads(stage: Stage, tied_group) -> None:
     """Sum the tied embedding's and head's gradients between first and last stage, so that both copies take the
     single model's step (its gradient is the sum of both uses)."""
+    # BEGIN SOLUTION
     if stage.tied_weight is not None:
         dist.all_reduce(stage.tied_weight.grad, group=tied_group)
+    # END SOLUTION
 
 
 def allreduce_dp_grads(stage: Stage, dp_group, dp: int) -> None:
@@ -195,10 +199,12 @@ def activation_bytes(s: int, b: int, h: int, a: int, tp: int = 1, sp: bool = Tru
     """Bytes one layer keeps for backward per micro-batch (Korthikanti et al. 2022, 16-bit activations, 1-byte
     dropout masks): sbh(34 + 5as/h) without parallelism; TP divides 24 of the 34 and the 5as/h, sequence
     parallelism the rest; selective recomputation drops 5as/h; full recomputation keeps only the input, 2sbh."""
+    # BEGIN SOLUTION
     if recompute == "full":
         return 2 * s * b * h / (tp if sp else 1)
     attention = 0 if recompute == "selective" else 5 * a * s / h
     return s * b * h * ((34 + attention) / tp if sp else 10 + (24 + attention) / tp)
+    # END SOLUTION
 
 
 def memory_per_gpu(shape: Shape, tp: int, pp: int, dp: int, m: int, micro: int = 1, v: int = 1, zero_stage: int = 0,
@@ -246,7 +252,9 @@ def step_time(shape: Shape, gpu: str, tp: int, pp: int, dp: int, batch: int, mic
     link = g["nvlink"] if tp * pp <= gpus_per_node else g["ib"]
     pp_comm = v * 2 * (2 * micro * s * h / tp) / (link * 1e9) if pp > 1 else 0.0
     t_mb = compute + tp_exposed + pp_comm
+    # BEGIN SOLUTION
     bubble = (pp - 1) / v * t_mb  # = (p − 1)/(v·m + p − 1) of the pipeline's time
+    # END SOLUTION
     # DP: fp32 gradients (Megatron's main grads) in a ring; overlapped, it hides behind the last backward
     dp_comm = ring_seconds(grad_bytes * shape.params / (tp * pp), dp, g["nvlink"] if tp * pp * dp <= gpus_per_node else g["ib"])
     dp_exposed = max(0.0, dp_comm - 2 / 3 * compute) if overlap_dp else dp_comm
@@ -512,6 +520,8 @@ def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device
         torch.cuda.set_device(local_rank)
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
     if not dist.is_initialized():
+        # torch.optim imports this lazily; imported after init it pins the group past cleanup and gloo aborts at exit
+        import torch.distributed.nn as _  # noqa: F401
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
         if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env
@@ -545,9 +555,7 @@ class CommCounter:
                    "batch_isend_irecv": 0}
 
     def __init__(self):
-        self.events: list[tuple[str, str, int]] = []
-        self.phase = ""
-        self._originals = {}
+        self.events, self.phase, self._originals = [], "", {}  # events: (phase, op, bytes)
 
     def __enter__(self) -> "CommCounter":
         for op, arg in self.PAYLOAD_ARG.items():

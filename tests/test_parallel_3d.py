@@ -25,6 +25,13 @@ def test_mesh_coordinates_groups(shape):
         assert g == list(range(g[0], g[0] + tp))  # TP groups are consecutive ranks: one node
     for r, (d, p, t) in enumerate(m["coords"]):
         assert r == (d * pp + p) * tp + t
+    # each group: the ranks that share the other two coordinates, ordered by its own (first stage first, ...)
+    at = {(d, p, t): (d * pp + p) * tp + t for d in range(dp) for p in range(pp) for t in range(tp)}
+    want = {"dp": [[at[d, p, t] for d in range(dp)] for p in range(pp) for t in range(tp)],
+            "pp": [[at[d, p, t] for p in range(pp)] for d in range(dp) for t in range(tp)],
+            "tp": [[at[d, p, t] for t in range(tp)] for d in range(dp) for p in range(pp)]}
+    for kind, groups in want.items():
+        assert sorted(m[f"{kind}_groups"]) == sorted(groups), kind
 
 
 def _single_process(cfg, data, steps, batch):
@@ -100,6 +107,28 @@ def test_dp2_pp2_tp2_on_8_processes_equals_single_process_training_with_tied_wei
         p2p = [counted.get(k, (0, 0)) for k in ("c10d.send", "c10d.recv_")]
         assert traffic["pp"] == (p2p[0][0] + p2p[1][0], p2p[0][1] + p2p[1][1]) == (4, 4 * 2 * 16 * 32 * 4)
         assert traffic["tied"] == (1, 256 * 32 * 4)  # the (vocab, d) embedding's gradient, once
+
+
+def _tied_gradients_after_sync():
+    rank = dist.get_rank()
+    d, p = rank // 2, rank % 2  # (dp, pp, tp) = (2, 2, 1): rank = d·2 + p
+    cfg = p3d.GPTConfig(n_layer=2, d_model=8, n_head=2, seq_len=4, tie_weights=True)
+    stage = p3d.Stage(p3d.TinyGPT(cfg), p, 2)  # the embedding on stage 0, the head on stage 1: one weight, two copies
+    grad = lambda r: torch.randn(stage.tied_weight.shape, generator=torch.Generator().manual_seed(r))
+    stage.tied_weight.grad = grad(rank)  # this copy's use: rank 2d the embedding's, rank 2d + 1 the head's
+    p3d.allreduce_tied_grads(stage, p3d.tied_weight_groups(2, 2, 1))
+    with p3d.CommCounter() as counter:  # one stage holds both uses of the weight: nothing to send
+        p3d.allreduce_tied_grads(p3d.Stage(p3d.TinyGPT(cfg), 0, 1), None)
+    # numpy arrays travel back by value (a tensor's storage is shared by a file descriptor that dies with the rank)
+    return stage.tied_weight.grad.numpy(), (grad(2 * d) + grad(2 * d + 1)).numpy(), counter.totals()
+
+
+def test_tied_gradients_are_summed_between_first_and_last_stage_of_each_replica():
+    for got, want, untied_traffic in run_distributed(_tied_gradients_after_sync, 4):
+        # the single model's gradient of a tied weight is the sum of both uses, within this DP replica only (the
+        # replicas are averaged later); a sum of two float32 tensors is exact, whatever the order
+        torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=0, atol=0)
+        assert untied_traffic == {}
 
 
 # --- the planner -------------------------------------------------------------------------------------------------
@@ -191,6 +220,22 @@ def test_predicted_mfu_of_llama3_405b_on_h100():
     shape = p3d.Shape(405e9, 126, 16384, 128, seq=8192, vocab=128256)
     got = p3d.step_time(shape, "h100", 8, 16, 64, 2048, v=2, recompute="none")
     assert got["mfu"] == pytest.approx(0.43, rel=0.15)
+
+
+def test_activation_bytes_follow_korthikanti_table_2():
+    # Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", arXiv:2205.05198,
+    # Table 2, bytes per layer: GPT-3 175B's layer, one sequence, t = 8
+    s, b, h, a, t = 2048, 1, 12288, 96, 8
+    sbh, scores = s * b * h, 5 * a * s / h
+    table = {(False, "none"): sbh * (10 + 24 / t + scores / t),  # tensor parallel
+             (True, "none"): sbh * (34 / t + scores / t),  # tensor + sequence parallel
+             (False, "selective"): sbh * (10 + 24 / t),  # tensor parallel + selective recomputation
+             (True, "selective"): sbh * 34 / t,  # tensor + sequence parallel + selective recomputation
+             (False, "full"): sbh * 2,  # full recomputation: the layer's input only
+             (True, "full"): sbh * 2 / t}  # ... which sequence parallelism splits over the t ranks
+    for (sp, recompute), want in table.items():
+        assert p3d.activation_bytes(s, b, h, a, t, sp, recompute) == pytest.approx(want, rel=1e-12), (sp, recompute)
+    assert p3d.activation_bytes(s, b, h, a) == pytest.approx(sbh * (34 + scores))  # no parallelism
 
 
 def test_bubble_follows_the_schedule_formula():
