@@ -324,7 +324,7 @@ def print_report(r: dict, cfg: GPTConfig, args, dense: dict | None) -> None:
     T, k, d = args.batch_size * cfg.seq_len, args.top_k, cfg.d_model
     print(f"\nexpert parallelism {n} × data parallelism {r['world_size'] // n}: {args.experts} experts per layer, "
           f"{args.experts // n} per rank, top-{k}, capacity factor {args.capacity_factor}")
-    print(f"all-to-alls of the last step, per rank (measured | balanced-routing formula):")
+    print("all-to-alls of the last step, per rank (measured | balanced-routing formula):")
     print(f"  calls: {last['a2a_calls_forward']} forward + {last['a2a_calls_backward']} backward | "
           f"2 per layer each way = {2 * cfg.n_layer} + {2 * cfg.n_layer}")
     print(f"  bytes one dispatch hands to the all-to-all: {last['dispatch_bytes']:,.0f} | k·T·d·4 = {k}·{T}·{d}·4 = "

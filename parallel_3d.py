@@ -32,8 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.pipelining import PipelineStage as TorchPipelineStage
-from torch.distributed.pipelining import Schedule1F1B
+from torch.distributed.pipelining import PipelineStage as TorchPipelineStage, Schedule1F1B
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -102,23 +101,15 @@ def build_3d(model: "TinyGPT", mesh, n_microbatches: int, device):
 def tied_weight_groups(dp: int, pp: int, tp: int):
     """Megatron's embedding group: for each (d, t), the first and last stage ranks, which hold the two copies of a
     tied embedding/head. new_group is collective: every rank creates every group, in the same order."""
-    mine = None
-    for ranks in mesh_coordinates(dp * pp * tp, dp, pp, tp)["pp_groups"]:
-        group = dist.new_group([ranks[0], ranks[-1]])
-        mine = group if dist.get_rank() in (ranks[0], ranks[-1]) else mine
-    return mine
+    groups = {tuple(r): dist.new_group([r[0], r[-1]]) for r in mesh_coordinates(dp * pp * tp, dp, pp, tp)["pp_groups"]}
+    return next((group for r, group in groups.items() if dist.get_rank() in (r[0], r[-1])), None)
 
 
 def run_pipeline(stage: Stage, schedule, x, y) -> list:
     """One 1F1B pass over the micro-batches: forward, backward, gradients accumulated. The last stage returns the
     micro-batch losses."""
-    out = []
-    if stage.first:
-        schedule.step(x, target=y if stage.last else None, losses=out if stage.last else None)
-    elif stage.last:
-        schedule.step(target=y, losses=out)
-    else:
-        schedule.step()
+    out = []  # the first stage feeds the inputs, the last the targets and takes the losses
+    schedule.step(*((x,) if stage.first else ()), **(dict(target=y, losses=out) if stage.last else {}))
     return out
 
 
@@ -157,7 +148,7 @@ def layout_error(world: int, dp: int, pp: int, tp: int, cfg: "GPTConfig", batch:
 
 # Peak dense bf16 TFLOP/s, NVLink and InfiniBand GB/s per GPU (one direction), HBM GB, from NVIDIA's datasheets:
 # A100 SXM4 80GB: 312 TFLOP/s, NVLink 3 600 GB/s both ways; DGX A100: one 200 Gb/s HDR adapter per GPU (25 GB/s).
-# H100 SXM5: 989 TFLOP/s, NVLink 4 900 GB/s both ways, 80 GB; DGX H100: one 400 Gb/s NDR adapter per GPU (50 GB/s).
+# H100 SXM5: 989 TFLOP/s, NVLink 4 900 GB/s both ways, 80 GB; DGX H100: one 400 Gb/s NDR adapter per GPU (50 GB/s);
 # H200 SXM: the H100's compute and links with 141 GB of HBM3e.
 GPUS = {"a100": {"tflops": 312, "nvlink": 300, "ib": 25, "hbm": 80},
         "h100": {"tflops": 989, "nvlink": 450, "ib": 50, "hbm": 80},
@@ -271,8 +262,7 @@ def plan(shape: Shape, gpus: int, gpu: str = "a100", batch: int = 1536, gpus_per
          tp: int | None = None, pp: int | None = None) -> list[dict]:
     """Every layout that fits, fastest first. TP stays in a node and divides the heads; PP divides the layers;
     DP divides the batch; one sequence per micro-batch (the smallest bubble)."""
-    mem = gpu_mem or GPUS[gpu]["hbm"]
-    rows = []
+    mem, rows = gpu_mem or GPUS[gpu]["hbm"], []
     for t in [k for k in (1, 2, 4, 8, 16, 32) if k <= min(gpus_per_node, gpus) and shape.heads % k == 0]:
         for p in [k for k in range(1, shape.layers + 1) if shape.layers % k == 0 and (gpus // t) % k == 0]:
             d = gpus // (t * p)

@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import expert_parallel as ep
 from harness import cli_error, readme_command, run_distributed, run_torchrun
@@ -80,7 +79,7 @@ def _compare_with_single_process(ep_size, n_experts, gating):
     reference = ep.moe_gpt(cfg, n_experts, top_k=2, capacity_factor=1.0, gating=gating, seed=0)
     ep_group, replica_group = ep.make_groups(world, ep_size)
     model = ep.expert_parallel(copy.deepcopy(reference), ep_group)
-    local, first = n_experts // ep_size, (rank % ep_size) * (n_experts // ep_size)
+    first = (rank % ep_size) * (n_experts // ep_size)  # this rank's first expert
     ref_params = dict(reference.named_parameters())
 
     def twin(name):  # the reference parameter that `name` on this rank holds
@@ -108,7 +107,6 @@ def _compare_with_single_process(ep_size, n_experts, gating):
                 torch.testing.assert_close(p.grad, twin(name).grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
             reference.zero_grad()  # the check above ran a forward of its own
             (sum(ep.moe_loss(reference, bx, by) for bx, by in batch) / world).backward()
-            kept = [b.mlp.stats["assignments"] - b.mlp.stats["dropped"] for b in reference.blocks]
             figures = {"forward": counter.totals("forward"), "backward": counter.totals("backward")}
         opt.step(), ref_opt.step()
         opt.zero_grad(), ref_opt.zero_grad()
