@@ -32,7 +32,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # --- the technique -----------------------------------------------------
-
 def broadcast_from_rank0(tensors, group=None) -> None:  # every rank starts from rank 0's values, however seeded
     with torch.no_grad():
         for t in tensors:
@@ -78,11 +77,13 @@ class BucketedReduction:
             for p in bucket.params:
                 p.register_post_accumulate_grad_hook(lambda p, i=i: self._grad_ready(i))
 
-    def _grad_ready(self, i: int) -> None:
+    def _grad_ready(self, i: int) -> None:  # bucket i has one more gradient: launch complete buckets, in order
+        # BEGIN SOLUTION
         self._ready[i] += 1
         while self._next < len(self.buckets) and self._ready[self._next] == len(self.buckets[self._next].params):
             self._in_flight.append(self._launch(self._next))
             self._next += 1
+        # END SOLUTION
 
     def finish_gradient_synchronization(self) -> None:
         """Launch what backward did not (no overlap, or parameters without a gradient) and wait for everything."""
@@ -108,7 +109,6 @@ class DataParallel(BucketedReduction, nn.Module):
     def _launch(self, i: int):
         bucket = self.buckets[i]
         flat = bucket.flatten(grads_or_zeros(bucket.params), bucket.params[0].dtype) / self.world_size  # sum -> mean
-
         def land():
             for p, g in zip(bucket.params, bucket.unflatten(flat)):
                 p.grad = g
@@ -172,14 +172,16 @@ class ShardedGradientOptimizer(BucketedReduction, ShardedOptimizer):
         self.grad_shards = [None] * len(self.buckets)
         self._hook_buckets()
 
-    def _launch(self, i: int):
+    def _launch(self, i: int):  # returns (work, land), as DataParallel's: the shard lands in self.grad_shards[i]
         b = self.buckets[i]
+        # BEGIN SOLUTION
         flat = b.flatten(grads_or_zeros(b.params), b.params[0].dtype) / self.n  # (N·S,): the mean after the sum
         for p in b.params:
             p.grad = None  # the full gradient is on its way: this rank keeps only its slice
         self.grad_shards[i] = torch.empty(b.shard_numel, dtype=flat.dtype, device=flat.device)
         # land keeps flat alive until the collective has read it
         return dist.reduce_scatter_single(self.grad_shards[i], flat, group=self.group, async_op=True), lambda: flat
+        # END SOLUTION
 
     def _gradient_shard(self, i: int) -> torch.Tensor:
         return self.grad_shards[i]
@@ -228,7 +230,6 @@ class ShardedUnit:
             p.grad = None
         self.free()
         out = torch.empty(cols.shape[1], dtype=cols.dtype, device=cols.device)
-
         def land():
             for p, g in zip(self.params, out.split(self.sizes)):
                 p.grad = g.float()  # fp32, the shard's shape: what the optimizer steps
@@ -268,10 +269,12 @@ class FullyShardedDataParallel(BucketedReduction, nn.Module):
         return self._after_forward(self.root, self.module(*args, **kwargs))
 
     def _after_forward(self, unit: ShardedUnit, out):  # free it; gather it again when backward reaches its output
+        # BEGIN SOLUTION
         unit.free()
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(lambda grad, u=unit: u.gather(self.group))
+        # END SOLUTION
         return out
 
     def _launch(self, i: int):
@@ -280,10 +283,8 @@ class FullyShardedDataParallel(BucketedReduction, nn.Module):
     @torch.no_grad()
     def gather_full_params(self) -> dict[str, torch.Tensor]:
         """{name: the full fp32 parameter} for every parameter of the module. Collective: call it on every rank."""
-        full = {}
-        for u in self.units:
-            for p, view, rows in zip(u.params, u.views, u.all_gather(torch.float32, self.group)):
-                full[id(p)] = rows.reshape(-1)[: view.numel()].view(view.shape)  # (N, S_i) -> the parameter
+        full = {id(p): rows.reshape(-1)[: view.numel()].view(view.shape)  # (N, S_i) -> the parameter
+                for u in self.units for p, view, rows in zip(u.params, u.views, u.all_gather(torch.float32, self.group))}
         return {k: full.get(id(p), p.detach().float()).clone() for k, p in self.module.named_parameters()}
 
 class DynamicLossScaler:
@@ -315,14 +316,15 @@ class DynamicLossScaler:
         return True
 
 ADAM_BYTES = 12  # K in the ZeRO paper: fp32 master weight + m + v, 4 bytes each
-
 def estimate_memory(num_params: float, world_size: int, stage: int, offload: str | None = None, param_bytes=2) -> dict:
     """Bytes per rank by the ZeRO papers: 2Φ fp16 parameters, 2Φ gradients, 12Φ optimizer states, each /N from its
     stage on. offload="cpu" (ZeRO-Offload) moves gradients and optimizer states to CPU memory: the accelerator keeps
     the fp16 parameters (2Φ; 13B fits one 32 GB V100). "nvme" (ZeRO-Infinity) moves them, and stage 3's parameters, to NVMe."""
     phi, n = float(num_params), world_size
+    # BEGIN SOLUTION
     out = {"params": param_bytes * phi / (n if stage >= 3 else 1), "grads": param_bytes * phi / (n if stage >= 2 else 1),
            "optimizer": ADAM_BYTES * phi / (n if stage >= 1 else 1), "cpu": 0.0, "nvme": 0.0}
+    # END SOLUTION
     if offload in ("cpu", "nvme"):
         out[offload], out["grads"], out["optimizer"] = out["grads"] + out["optimizer"], 0.0, 0.0
         if offload == "nvme" and stage >= 3:
@@ -424,10 +426,9 @@ def print_report(results: list[dict], n: int) -> None:
         print(f"{r['stage']:>5} | {cells} | {r['sent'] / 1024:>9.1f} {paper / 1024:>8.1f} | {r['ms_per_step']:>7.1f}")
     print("sent/step: the collectives CommCounter saw, priced at what a ring sends; stage 1 all-reduces, then all-gathers\n"
           "(3Φ). Stage 3 holds fp32 shards and gradients (4Φ/N each) and m, v (8Φ/N): 16Φ/N, split differently.")
-    for r in results:
-        if "max_param_diff" in r:
-            print(f"stage {r['stage']}: largest |parameter difference| from single-process torch.optim.AdamW after "
-                  f"{len(r['losses'])} steps: {r['max_param_diff']:.2e}")
+    for r in [r for r in results if "max_param_diff" in r]:
+        print(f"stage {r['stage']}: largest |parameter difference| from single-process torch.optim.AdamW after "
+              f"{len(r['losses'])} steps: {r['max_param_diff']:.2e}")
 
 def print_estimate(num_params: float, world_size: int) -> None:
     print(f"Memory per rank for Φ = {num_params:.3g} parameters on N = {world_size} ranks, mixed-precision Adam "
@@ -484,8 +485,7 @@ def main(argv=None):
     rank, n, device = setup_distributed(args.device)
     try:
         results = [train(s, args.steps, args.batch_size, cfg, args.lr, getattr(torch, args.param_dtype), data, device,
-                         offload=args.offload, log_every=max(1, args.steps // 5),
-                         check=args.check) for s in stages]
+                         offload=args.offload, log_every=max(1, args.steps // 5), check=args.check) for s in stages]
         if rank == 0:
             print_report(results, n)
         return results
@@ -512,6 +512,8 @@ def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device
         torch.cuda.set_device(local_rank)
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
     if not dist.is_initialized():
+        # torch.optim imports this lazily; imported after init it pins the group past cleanup and gloo aborts at exit
+        import torch.distributed.nn as _  # noqa: F401
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=int(os.environ.get("DIST_TIMEOUT", 300)))
         if "MASTER_ADDR" in os.environ:  # launched by torchrun (one node or many): everything comes from its env
@@ -545,9 +547,7 @@ class CommCounter:
                    "batch_isend_irecv": 0}
 
     def __init__(self):
-        self.events: list[tuple[str, str, int]] = []
-        self.phase = ""
-        self._originals = {}
+        self.events, self.phase, self._originals = [], "", {}  # events: (phase, op, bytes)
 
     def __enter__(self) -> "CommCounter":
         for op, arg in self.PAYLOAD_ARG.items():

@@ -31,6 +31,13 @@ class Toy(nn.Module):
         return F.cross_entropy(self.out(self.frozen(x)).float().view(-1, 11), targets.view(-1))
 
 
+def assert_near(got, want, rtol, atol, msg=""):
+    """torch.testing.assert_close's rule |got - want| <= atol + rtol·|want|, without its import of DTensor, which
+    costs a worker process seconds."""
+    assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{msg}: {got.shape}, {got.dtype}"
+    assert torch.allclose(got, want, rtol=rtol, atol=atol), f"{msg}: largest difference {(got - want).abs().max():.2e}"
+
+
 def batches(steps, n, per_rank=4):
     g = torch.Generator().manual_seed(7)
     return [(torch.randint(0, 11, (n * per_rank, 6), generator=g), torch.randint(0, 11, (n * per_rank, 6), generator=g))
@@ -80,7 +87,7 @@ def check_every_stage(data):
         for stage in range(4):
             got = trained(stage, cls, kw, data)
             for k, p in want.items():
-                torch.testing.assert_close(got[k], p, rtol=1e-5, atol=1e-6, msg=f"{name} stage {stage} {k}")
+                assert_near(got[k], p, rtol=1e-5, atol=1e-6, msg=f"{name} stage {stage} {k}")
     for stage in (1, 2):  # ZeRO-Offload: the step on the CPU gives the same parameters
         cls, kw = OPTIMIZERS["adamw"]
         got, base = trained(stage, cls, kw, data, offload="cpu"), trained(stage, cls, kw, data)
@@ -147,7 +154,7 @@ def check_stage3_gradients_and_reads(data):
             s = math.ceil(ref_grads[i].numel() / n)
             assert p.shape == p.grad.shape == (s,) and p.grad.dtype == torch.float32
             padded = torch.cat([ref_grads[i].reshape(-1), torch.zeros(n * s - ref_grads[i].numel())])
-            torch.testing.assert_close(p.grad, padded[r * s:(r + 1) * s], rtol=1e-5, atol=1e-7)
+            assert_near(p.grad, padded[r * s:(r + 1) * s], rtol=1e-5, atol=1e-7, msg=str(i))
     return ref_grads
 
 
@@ -234,6 +241,98 @@ def test_every_stage_and_its_figures(world_size):
     assert sum(b for ph, op, b in table[3]["events"] if op == "reduce_scatter_single") == n * gathered  # ... 3Φ
 
 
+class TwoBranches(nn.Module):
+    """Two branches of equal size whose forward order is an argument: a rank that runs `a` first gets `b`'s gradients
+    first in backward, so the ranks' gradients become ready in different orders."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 5)
+
+    def forward(self, x, a_first: bool):
+        ya, yb = (self.a(x), self.b(x)) if a_first else reversed((self.b(x), self.a(x)))
+        return (ya * yb).mean()
+
+
+def _data_parallel_averages_in_bucket_order():
+    """Stage 0's hook: p.grad is the single-process gradient (the mean over ranks), every bucket launched inside
+    backward, in bucket order on every rank, even when the ranks' gradients become ready in different orders."""
+    r, n = dist.get_rank(), dist.get_world_size()
+    data = batches(1, n)
+    check_overlap(data)
+    x = torch.randn(4 * n, 5, generator=torch.Generator().manual_seed(3))
+    cases = [(Toy, data[0], mine(data[0]), 1e-4),  # several buckets; tied, frozen and odd-sized parameters
+             (TwoBranches, (x, True), (x[4 * r:4 * r + 4], r == 0), 120 / 2 ** 20)]  # 120 B: one Linear per bucket
+    for make, inputs, local, bucket_mb in cases:
+        torch.manual_seed(0)
+        ref = make()
+        ref(*inputs).backward()
+        torch.manual_seed(0 if r == 0 else 100 + r)
+        model, launched = zero.DataParallel(make(), bucket_mb=bucket_mb), []
+        launch = model._launch
+        model._launch = lambda i: (launched.append(i), launch(i))[1]  # record the order, then launch
+        model(*local).backward()
+        assert launched == list(range(len(model.buckets))) and len(launched) > 1, (make.__name__, launched)
+        model.finish_gradient_synchronization()
+        for (k, want), p in zip(ref.named_parameters(), model.module.parameters()):
+            if p.requires_grad:  # 1e-5: the ranks sum the batch in another order than one process
+                assert_near(p.grad, want.grad, rtol=1e-5, atol=1e-7, msg=f"{make.__name__} {k}")
+
+
+def _stage2_keeps_only_its_averaged_gradient_shard():
+    """Stage 2 trains like one process with SGD + momentum (a sum instead of a mean fails), and after
+    finish_gradient_synchronization() a rank holds no full gradient, only its 1/N shard of each bucket."""
+    r, n = dist.get_rank(), dist.get_world_size()
+    data = batches(2, n)
+    cls, kw = OPTIMIZERS["sgd+momentum"]
+    want = reference(cls, kw, data)
+    torch.manual_seed(0 if r == 0 else 100 + r)
+    model = Toy()
+    opt = zero.ShardedGradientOptimizer(model.parameters(), cls, None, 1e-4, **kw)
+    for batch in data:
+        model(*mine(batch)).backward()
+        opt.finish_gradient_synchronization()
+        assert [p for p in model.parameters() if p.grad is not None] == []
+        assert [s.shape for s in opt.grad_shards] == [(b.shard_numel,) for b in opt.buckets]
+        opt.step()
+        opt.zero_grad()
+    got = zero.full_params(model)
+    for k, p in want.items():
+        assert_near(got[k], p, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _stage3_frees_after_forward_and_gathers_for_backward():
+    """Stage 3 holds a unit's full parameters only while it runs: after a block's forward its parameters are shards
+    and its gathered buffer holds no memory; backward all-gathers what forward did. Gradients as in one process."""
+    n = dist.get_world_size()
+    data = batches(1, n)
+    check_stage3_gradients_and_reads(data)
+    torch.manual_seed(0)
+    model, after_block = zero.FullyShardedDataParallel(Toy()), []
+    unit = next(u for u in model.units if u.module is model.module.blocks[1])
+    shapes_and_bytes = lambda: ([tuple(p.shape) for p in unit.params], unit.full.untyped_storage().nbytes())
+    # registered after the wrapper's own forward hook, so it runs after it
+    model.module.blocks[1].register_forward_hook(lambda m, a, o: after_block.append(shapes_and_bytes()))
+    with zero.CommCounter() as counter:
+        counter.phase = "forward"
+        loss = model(*mine(data[0]))
+        held = [u.full.untyped_storage().nbytes() for u in model.units]
+        counter.phase = "backward"
+        loss.backward()
+    assert after_block == [([(math.ceil(p.numel() / n),) for p in unit.views], 0)]
+    assert held == [0] * len(model.units)
+    assert counter.totals("backward")["all_gather_single"] == counter.totals("forward")["all_gather_single"]
+
+
+@pytest.mark.parametrize("check", [_data_parallel_averages_in_bucket_order,
+                                   _stage2_keeps_only_its_averaged_gradient_shard,
+                                   _stage3_frees_after_forward_and_gathers_for_backward],
+                         ids=["stage0", "stage2", "stage3"])
+def test_one_stage_on_two_ranks(check):
+    """One small launch per stage, so that a mistake in one stage's mechanism is named by its own test."""
+    run_distributed(check, 2, timeout=120)
+
+
 def test_estimate_memory_follows_the_papers():
     gb = {s: zero.estimate_memory(7e9, 8, s)["total"] / 1e9 for s in range(4)}
     assert gb == pytest.approx({0: 112.0, 1: 38.5, 2: 26.25, 3: 14.0})
@@ -241,6 +340,8 @@ def test_estimate_memory_follows_the_papers():
     assert off["total"] == pytest.approx(26e9) and off["cpu"] == pytest.approx(14 * 13e9)
     inf = zero.estimate_memory(7e9, 8, 3, offload="nvme")
     assert inf["total"] == 0 and inf["nvme"] == pytest.approx(16 * 7e9 / 8)
+    fp32 = zero.estimate_memory(1e6, 4, 2, param_bytes=4)  # 4-byte parameters and gradients, the latter sharded
+    assert (fp32["params"], fp32["grads"], fp32["optimizer"]) == pytest.approx((4e6, 1e6, 3e6))
 
 
 def test_readme_torchrun_line_trains_and_reports():
