@@ -104,12 +104,23 @@ def make_student_copy(dest: Path) -> None:
         rewrite(dest / exercise.file, exercise, None)
     for path in dest.glob("*.py"):  # regions that are not (yet) exercises keep their code, not their markers
         path.write_text(strip_markers(path.read_text()))
-    for path in dest.glob("notebooks/*.ipynb"):
+    for path in dest.glob("notebooks/*.ipynb"):  # a notebook's exercise is answered in the notebook: cut them all
         notebook = json.loads(path.read_text())
         for cell in notebook["cells"]:
             source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
-            cell["source"] = strip_markers(source)
+            cell["source"] = cut_every_region(source, path.stem)
         path.write_text(json.dumps(notebook, indent=1) + "\n")
+
+
+def cut_every_region(source: str, name: str) -> str:
+    lines = source.split("\n")
+    while any(line.strip() == BEGIN for line in lines):
+        begin = next(i for i, line in enumerate(lines) if line.strip() == BEGIN)
+        end = next(i for i in range(begin, len(lines)) if lines[i].strip() == END)
+        indent = lines[begin][: len(lines[begin]) - len(lines[begin].lstrip())]
+        stub = f'{indent}raise NotImplementedError("exercise in notebooks/{name}.ipynb: write this function")'
+        lines = lines[:begin] + [stub] + lines[end + 1:]
+    return "\n".join(lines)
 
 
 # --- grading -------------------------------------------------------------
