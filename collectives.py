@@ -242,6 +242,7 @@ def measure_scaling(numel: int, dtype: torch.dtype, device: torch.device) -> lis
             _, ring = bytes_sent(lambda: ring_all_reduce(x.clone(), group=group))
             _, naive = bytes_sent(lambda: naive_all_reduce(x.clone(), group=group))
             rows.append({"n": n, "ring": ring, "naive_root": naive})
+            dist.barrier(group=group)  # NCCL's sends may still be in flight: every member done before the group goes
         dist.destroy_process_group(group)
     return rows
 

@@ -8,7 +8,8 @@ brings the outputs home. With balanced routing each rank sends, per layer and pe
 
     k·T·d·(N−1)/N elements          (k·T·d in all, of which 1/N stays on the rank itself)
 
-and a token beyond its expert's capacity, C = ⌈capacity_factor · k·T / E⌉ slots, is dropped (the residual carries it).
+and an assignment beyond its expert's capacity, C = ⌈capacity_factor · k·T / E⌉ slots for each rank's T tokens, is
+dropped (the residual carries the token).
 The Switch Transformer's auxiliary loss E·Σ_e f_e·P_e (f_e the share of assignments to expert e, P_e its mean router
 probability) is 1 when routing is uniform and grows with imbalance.
 
@@ -146,6 +147,8 @@ class ExpertParallelMoE(MoE):
     def from_dense(cls, moe: MoE, group=None) -> "ExpertParallelMoE":
         """Keep the router and this rank's experts of a single-process MoE (same weights, so same decisions)."""
         n, rank = dist.get_world_size(group), dist.get_rank(group)
+        if moe.n_experts % n:
+            raise ValueError(f"{moe.n_experts} experts cannot be split evenly over {n} ranks")
         ep = cls.__new__(cls)
         nn.Module.__init__(ep)
         ep.router, ep.group, ep.n_experts = moe.router, group, moe.n_experts
@@ -172,6 +175,7 @@ class ExpertParallelMoE(MoE):
         send_splits = counts.view(n, self.local).sum(dim=1).tolist()
         recv_splits = mine.sum(dim=1).tolist()
         self.stats["tokens_per_expert_global"] = all_counts.sum(dim=0)
+        self.stats["bytes_leaving"] = (sum(send_splits) - send_splits[me]) * send[0].nbytes if len(send) else 0
 
         # 2. dispatch, 3. run this rank's experts, 4. combine
         received = all_to_all(send, send_splits, recv_splits, self.group)  # (R, d), by source rank, then expert
@@ -267,19 +271,22 @@ def routing_figures(model: TinyGPT, counter: CommCounter, tokens_per_rank: int, 
             "assignments": sum(m.stats["assignments"] for m in layers),
             "a2a_calls_forward": len(forward), "a2a_calls_backward": len(backward),
             "dispatch_bytes": statistics.mean(forward[0::2]) if forward else 0,  # per layer: dispatch, then combine
-            "balanced_dispatch_bytes": top_k * tokens_per_rank * d_model * 4}
+            "bytes_leaving": statistics.mean(m.stats.get("bytes_leaving", 0) for m in layers),
+            "no_drop_dispatch_bytes": top_k * tokens_per_rank * d_model * 4}
 
 
 def train_step(model, opt, x, y, aux_coef, replica_group, world_size, counter: CommCounter) -> float:
+    """One step; returns the cross-entropy alone (without the balance loss), comparable with a dense model's."""
     counter.phase = "forward"
     loss = moe_loss(model, x, y, aux_coef)
+    aux = [b.mlp.aux_loss.item() for b in model.blocks if isinstance(b.mlp, MoE)]
     counter.phase = "backward"
     loss.backward()
     counter.phase = "sync"
     sync_gradients(model, replica_group, world_size)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.item()
+    return loss.item() - (aux_coef * statistics.mean(aux) if aux else 0.0)
 
 
 def train(cfg: GPTConfig, n_experts: int = 8, top_k: int = 2, ep: int | None = None, steps: int = 30,
@@ -327,14 +334,17 @@ def print_report(r: dict, cfg: GPTConfig, args, dense: dict | None) -> None:
     print("all-to-alls of the last step, per rank (measured | balanced-routing formula):")
     print(f"  calls: {last['a2a_calls_forward']} forward + {last['a2a_calls_backward']} backward | "
           f"2 per layer each way = {2 * cfg.n_layer} + {2 * cfg.n_layer}")
-    print(f"  bytes one dispatch hands to the all-to-all: {last['dispatch_bytes']:,.0f} | k·T·d·4 = {k}·{T}·{d}·4 = "
-          f"{last['balanced_dispatch_bytes']:,} with no drops (of which (N−1)/N = {(n - 1) / n:.2f} leaves the rank)")
+    kept = last["assignments"] - last["dropped"]
+    print(f"  bytes one dispatch hands to the all-to-all: {last['dispatch_bytes']:,.0f} | kept·d·4 = "
+          f"{kept / cfg.n_layer * d * 4:,.0f} (k·T·d·4 = {last['no_drop_dispatch_bytes']:,} with nothing dropped)")
+    print(f"  of them, bytes leaving the rank: {last['bytes_leaving']:,.0f} | balanced routing, nothing dropped: "
+          f"k·T·d·4·(N−1)/N = {last['no_drop_dispatch_bytes'] * (n - 1) // n:,}")
     print(f"  load imbalance (max/mean tokens per expert, worst layer): {last['imbalance']:.2f} | 1.00 if balanced")
     print(f"  dropped assignments: {last['dropped']} of {last['assignments']} (capacity "
-          f"{expert_capacity(T, k, args.experts, args.capacity_factor)} per expert per layer)")
+          f"{expert_capacity(T, k, args.experts, args.capacity_factor)} per expert per layer for each rank's tokens)")
     print(f"parameters per rank: {r['params_per_rank']:,}; median step {r['ms_per_step']:.0f} ms")
     if dense:
-        print(f"\nloss after {args.steps} steps: MoE {last['loss']:.3f} | dense with the same active parameters per "
+        print(f"\ncross-entropy after {args.steps} steps: MoE {last['loss']:.3f} | dense with the same active parameters per "
               f"token {dense['log'][-1]['loss']:.3f} ({dense['params_per_rank']:,} parameters)")
         print("step  " + " ".join(f"{s:>6}" for s in range(1, args.steps + 1, max(1, args.steps // 8))))
         for name, res in (("moe", r), ("dense", dense)):

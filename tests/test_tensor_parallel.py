@@ -157,6 +157,9 @@ def test_readme_torchrun_line_checks_step0_and_counts():
     assert re.search(r"all_reduce +forward +2 \| 2 calls, +131,072 \| +131,072 bytes each", out), out
     assert re.search(r"all_reduce +backward +2 \| 2 calls, +131,072 \| +131,072 bytes each", out), out
     assert "= 1/2.00 (formula 1/N = 1/2)" in out
+    # the whole model's step, counted from outside, against the formulas printed beside (L = 2 layers)
+    assert "whole model per step: 8 all-reduces forward (2L + 1 embedding + 3 in the cross-entropy = 8), " \
+           "5 backward (2L + 1 at the head = 5)" in out, out
 
 
 @pytest.mark.parametrize("args, message", [
