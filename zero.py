@@ -2,7 +2,8 @@
 
 Data parallelism gives every rank the whole model and a slice of the batch. With mixed-precision Adam each
 parameter costs 2 bytes (bf16/fp16 weights) + 2 (gradients) + 12 (fp32 master copy, m and v) = 16 bytes, on every
-rank. ZeRO (Rajbhandari et al. 2020) removes that redundancy one piece at a time; with Φ parameters and N ranks:
+rank. ZeRO (Rajbhandari et al. 2020) removes that redundancy one piece at a time. The paper's table, with Φ parameters
+and N ranks (this file's stage 1 sends 3Φ: it all-reduces the gradients, then all-gathers the parameters):
 
     stage        sharded                 memory per rank      bytes sent per rank per step (× (N-1)/N)
     0 (DDP)      nothing                 16Φ                  2Φ   all-reduce gradients
@@ -49,12 +50,10 @@ class FlatBucket:
         self.params, self.n, self.group_index = params, n_shards, group_index
         self.numel = sum(p.numel() for p in params)
         self.shard_numel = -(-self.numel // n_shards)  # S = ceil(numel / N)
-
     def flatten(self, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:  # (N·S,)
         flat = torch.zeros(self.n * self.shard_numel, dtype=dtype, device=tensors[0].device)
         flat[: self.numel] = torch.cat([t.reshape(-1) for t in tensors])
         return flat
-
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [t.view_as(p) for t, p in zip(flat[: self.numel].split([p.numel() for p in self.params]), self.params)]
 
@@ -76,15 +75,15 @@ class BucketedReduction:
         for i, bucket in enumerate(self.buckets if overlap else []):
             for p in bucket.params:
                 p.register_post_accumulate_grad_hook(lambda p, i=i: self._grad_ready(i))
-
     def _grad_ready(self, i: int) -> None:  # bucket i has one more gradient: launch complete buckets, in order
+        if self._ready[i] == len(self.buckets[i].params):  # a second backward would replace or drop the first's gradients
+            raise RuntimeError("a gradient arrived twice: call finish_gradient_synchronization() after every backward")
         # BEGIN SOLUTION
         self._ready[i] += 1
         while self._next < len(self.buckets) and self._ready[self._next] == len(self.buckets[self._next].params):
             self._in_flight.append(self._launch(self._next))
             self._next += 1
         # END SOLUTION
-
     def finish_gradient_synchronization(self) -> None:
         """Launch what backward did not (no overlap, or parameters without a gradient) and wait for everything."""
         self._in_flight += [self._launch(i) for i in range(self._next, len(self.buckets))]
@@ -102,10 +101,8 @@ class DataParallel(BucketedReduction, nn.Module):
         broadcast_from_rank0(list(module.parameters()) + list(module.buffers()), group)
         self.buckets = make_buckets(trainable(module.parameters()), bucket_mb)
         self._hook_buckets(overlap)
-
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
     def _launch(self, i: int):
         bucket = self.buckets[i]
         flat = bucket.flatten(grads_or_zeros(bucket.params), bucket.params[0].dtype) / self.world_size  # sum -> mean
@@ -131,19 +128,25 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer_cls([{**{k: v for k, v in g.items() if k != "params"},
                                          "params": [m for m, b in zip(self.masters, self.buckets) if b.group_index == gi]}
                                         for gi, g in enumerate(self.param_groups)], **kwargs)
-
-    def _gradient_shard(self, i: int) -> torch.Tensor:
-        """This rank's slice of bucket i's averaged gradient, cut from the full gradients in p.grad."""
+    def add_param_group(self, param_group: dict) -> None:  # torch.optim's __init__ calls it; a later group is refused
+        if hasattr(self, "optimizer"):  # it would be neither sharded nor stepped
+            raise RuntimeError("ShardedOptimizer shards its parameters at construction: pass every param group then")
+        super().add_param_group(param_group)
+    def state_dict(self) -> dict:
+        """This rank's shard only: the inner optimizer's state (m, v, ... of its masters); save and load one per rank."""
+        return self.optimizer.state_dict()
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+        for outer, inner in zip(self.param_groups, self.optimizer.param_groups):  # the saved hyperparameters
+            outer.update({k: v for k, v in inner.items() if k != "params"})
+    def _gradient_shard(self, i: int) -> torch.Tensor:  # bucket i's averaged gradient, this rank's slice, from p.grad
         b = self.buckets[i]
         return b.flatten(grads_or_zeros(b.params), b.params[0].dtype).view(self.n, -1)[self.rank]  # (S,)
-
     @torch.no_grad()
-    def load_gradients(self) -> None:
-        """Put this rank's gradient slices, in fp32, on the masters (on the CPU under offload). Idempotent."""
+    def load_gradients(self) -> None:  # this rank's gradient slices, in fp32, onto the masters (CPU under offload), once
         for i, m in enumerate(self.masters if not self._loaded else []):
             m.grad = self._gradient_shard(i).to(m.device, torch.float32)
         self._loaded = True
-
     @torch.no_grad()
     def step(self, closure=None):  # closure: torch.optim's signature, unused
         self.load_gradients()
@@ -158,7 +161,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             for p, new in zip(b.params, b.unflatten(full)):
                 p.copy_(new)
         self.zero_grad()
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self.optimizer.zero_grad()  # the masters' gradient slices
@@ -169,9 +171,15 @@ class ShardedGradientOptimizer(BucketedReduction, ShardedOptimizer):
     keeps only its slice (2Φ/N). Use it on the bare model; call finish_gradient_synchronization() after backward."""
     def __init__(self, *args, **kwargs):  # ShardedOptimizer's arguments
         super().__init__(*args, **kwargs)
-        self.grad_shards = [None] * len(self.buckets)
+        self.zero_grad()
         self._hook_buckets()
-
+    def finish_gradient_synchronization(self) -> None:  # a later micro-batch's shards are added to the earlier ones'
+        super().finish_gradient_synchronization()
+        self.grad_shards = [s if e is None else e + s for e, s in zip(self._earlier, self.grad_shards)]
+        self._earlier = list(self.grad_shards)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self.grad_shards, self._earlier = [None] * len(self.buckets), [None] * len(self.buckets)
     def _launch(self, i: int):  # returns (work, land), as DataParallel's: the shard lands in self.grad_shards[i]
         b = self.buckets[i]
         # BEGIN SOLUTION
@@ -182,7 +190,6 @@ class ShardedGradientOptimizer(BucketedReduction, ShardedOptimizer):
         # land keeps flat alive until the collective has read it
         return dist.reduce_scatter_single(self.grad_shards[i], flat, group=self.group, async_op=True), lambda: flat
         # END SOLUTION
-
     def _gradient_shard(self, i: int) -> torch.Tensor:
         return self.grad_shards[i]
 
@@ -198,14 +205,12 @@ class ShardedUnit:
                        for p in params]  # (S_i,) fp32 each
         self.gathered = True  # the parameters still hold their full tensors: free() leaves them the shards
         self.free()
-
     def all_gather(self, dtype: torch.dtype, group) -> list[torch.Tensor]:
         """Every rank's shards of this unit in one collective: [(N, S_i) per parameter]."""
         mine = torch.cat([s.to(dtype) for s in self.shards])  # (T,), T = Σ S_i
         out = torch.empty(self.n * mine.numel(), dtype=dtype, device=mine.device)
         dist.all_gather_single(out, mine, group=group)
         return list(out.view(self.n, -1).split(self.sizes, dim=1))
-
     def gather(self, group) -> None:
         if not self.gathered:
             self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
@@ -214,14 +219,12 @@ class ShardedUnit:
             for p, v in zip(self.params, self.views):
                 p.data = v
             self.gathered = True
-
     def free(self) -> None:
         if self.gathered:
             for p, s in zip(self.params, self.shards):
                 p.data = s  # reading p between uses gives the shard, never freed memory
             self.full.untyped_storage().resize_(0)
             self.gathered = False
-
     def reduce_scatter(self, group):
         """Average the unit's full gradients over ranks, this rank receiving its shards. Returns (work, land)."""
         cols = torch.cat([FlatBucket([p], self.n).flatten([g], g.dtype).view(self.n, -1)
@@ -263,11 +266,11 @@ class FullyShardedDataParallel(BucketedReduction, nn.Module):
                 m.register_forward_hook(lambda mod, args, out, u=u: self._after_forward(u, out))
         self.buckets = self.units[::-1]  # backward's order: the last block first, the root last
         self._hook_buckets()  # a unit is complete when all its gradients are: reduce-scatter it and free it
-
     def forward(self, *args, **kwargs):  # the wrapped module must own parameters outside its lists: the root unit
+        if torch.is_grad_enabled() and any(p.grad is not None for u in self.units for p in u.params):
+            raise RuntimeError("stage 3 does not accumulate micro-batches: step() and zero_grad() before the next forward")
         self.root.gather(self.group)  # the root stays gathered through the forward, one block beside it
         return self._after_forward(self.root, self.module(*args, **kwargs))
-
     def _after_forward(self, unit: ShardedUnit, out):  # free it; gather it again when backward reaches its output
         # BEGIN SOLUTION
         unit.free()
@@ -276,10 +279,8 @@ class FullyShardedDataParallel(BucketedReduction, nn.Module):
                 t.register_hook(lambda grad, u=unit: u.gather(self.group))
         # END SOLUTION
         return out
-
     def _launch(self, i: int):
         return self.buckets[i].reduce_scatter(self.group)
-
     @torch.no_grad()
     def gather_full_params(self) -> dict[str, torch.Tensor]:
         """{name: the full fp32 parameter} for every parameter of the module. Collective: call it on every rank."""
@@ -293,10 +294,8 @@ class DynamicLossScaler:
     def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 2000, group=None):
         self.loss_scale, self.growth_interval, self.group = init_scale, growth_interval, group
         self.good_steps = self.skipped_steps = 0
-
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.loss_scale
-
     @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer) -> bool:
         if isinstance(optimizer, ShardedOptimizer):
@@ -307,11 +306,11 @@ class DynamicLossScaler:
         overflow = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float().to(device)
         dist.all_reduce(overflow, op=dist.ReduceOp.MAX, group=self.group)  # sharded ranks see different gradients
         if overflow.item():
-            self.loss_scale, self.skipped_steps = self.loss_scale / 2, self.skipped_steps + 1
+            self.loss_scale, self.skipped_steps, self.good_steps = self.loss_scale / 2, self.skipped_steps + 1, 0
             optimizer.zero_grad()
             return False
         optimizer.step()
-        self.good_steps += 1
+        self.good_steps += 1  # consecutive good steps, as torch.amp.GradScaler counts them
         self.loss_scale *= 2 if self.good_steps % self.growth_interval == 0 else 1
         return True
 
@@ -425,7 +424,8 @@ def print_report(results: list[dict], n: int) -> None:
         cells = " | ".join(f"{m[k] / 1024:>8.1f} {f[k] / 1024:>8.1f}" for k in ("params", "grads", "optimizer", "total"))
         print(f"{r['stage']:>5} | {cells} | {r['sent'] / 1024:>9.1f} {paper / 1024:>8.1f} | {r['ms_per_step']:>7.1f}")
     print("sent/step: the collectives CommCounter saw, priced at what a ring sends; stage 1 all-reduces, then all-gathers\n"
-          "(3Φ). Stage 3 holds fp32 shards and gradients (4Φ/N each) and m, v (8Φ/N): 16Φ/N, split differently.")
+          "(3Φ). Stage 3 holds fp32 shards and gradients (4Φ/N each) and m, v (8Φ/N): 16Φ/N, " + ("split differently."
+          if p == 2 else "not the formula's 20Φ/N:\nthe fp32 shard is its master, where stages 0-2 keep an fp32 master beside fp32 parameters."))
     for r in [r for r in results if "max_param_diff" in r]:
         print(f"stage {r['stage']}: largest |parameter difference| from single-process torch.optim.AdamW after "
               f"{len(r['losses'])} steps: {r['max_param_diff']:.2e}")
