@@ -22,7 +22,6 @@ import datetime
 import functools
 import hashlib
 import html
-import itertools
 import json
 import os
 import random
@@ -395,28 +394,21 @@ def minhash(shingle_set: set[str], num_perm: int = 128, seed: int = 1) -> np.nda
 
 _P = np.uint64(0x100000001B3)  # FNV's 64-bit prime; odd, so invertible modulo 2^64
 _P_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
-_LOWER = np.array([c + 32 if 65 <= c <= 90 else c for c in range(256)], dtype=np.uint64)
-_SPACE = np.isin(np.arange(256), [9, 10, 11, 12, 13, 32])
-_POWERS: dict[str, np.ndarray] = {}  # P^i and P^-i, computed once for the longest text so far
+_POWERS: dict[str, np.ndarray] = {}  # P^(i+1) and P^-(i+1), computed once for the longest text so far
 
 def word_hashes(text: str) -> np.ndarray:
     """A 32-bit hash of every word, all words of the text at once: words are runs of non-whitespace bytes (ASCII
-    whitespace and case), and word [s, e) hashes to Σ byte_i·P^(e-1-i) mod 2^64, read off prefix sums of
-    byte_i·P^-i as (S[e-1] - S[s-1])·P^(e-1)."""
+    whitespace and case), and word [s, e) hashes to Σ code_i·P^(e-1-i) mod 2^64 (code = byte + 1), read off prefix
+    sums of code_i·P^-(i+2) as (S[e] - S[s])·P^(e+1). Array products wrap mod 2^64 silently."""
     b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    edges = np.diff(np.concatenate([[0], (~_SPACE[b]).astype(np.int8), [0]]))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    if not len(starts):
-        return np.zeros(0, dtype=np.uint64)
-    if len(_POWERS.get("pow", ())) < len(b):
-        m = max(len(b), 1 << 16)
-        with np.errstate(over="ignore"):
-            _POWERS["inv"] = np.cumprod(np.full(m, _P_INV, dtype=np.uint64)) * _P
-            _POWERS["pow"] = np.cumprod(np.full(m, _P, dtype=np.uint64)) * _P_INV
-    with np.errstate(over="ignore"):
-        S = np.cumsum((_LOWER[b] + np.uint64(1)) * _POWERS["inv"][: len(b)])
-        before = np.where(starts > 0, S[np.maximum(starts - 1, 0)], np.uint64(0))
-        h = (S[ends - 1] - before) * _POWERS["pow"][ends - 1]
+    inside = np.concatenate([[False], (b != 32) & (b - np.uint8(9) > 4), [False]])  # 9-13 and 32 are whitespace
+    edges = np.flatnonzero(inside[1:] != inside[:-1])  # word starts and ends alternate
+    if len(_POWERS.get("pow", ())) <= len(b):
+        _POWERS["inv"], _POWERS["pow"] = (np.cumprod(np.full(max(len(b) + 1, 1 << 16), p)) for p in (_P_INV, _P))
+    code = b + (b - np.uint8(65) < 26) * np.uint8(32) + np.uint8(1)  # A-Z to a-z; UTF-8 has no byte 255 to wrap
+    S = np.concatenate([np.zeros(1, np.uint64), code], dtype=np.uint64)  # S[i + 1] = code_i, then in place:
+    S = np.cumsum(np.multiply(S, _POWERS["inv"][: len(S)], out=S), out=S)  # S[i] = Σ_{j<i} code_j·P^-(j+2)
+    h = (S[edges[1::2]] - S[edges[::2]]) * _POWERS["pow"][edges[1::2]]
     return (h ^ (h >> np.uint64(32))) & np.uint64(MAX_HASH)
 
 class MinHasher:
@@ -430,28 +422,28 @@ class MinHasher:
         a, b = permutation_params(1, seed)
         self.a, self.b = a[0], b[0]
 
-    def shingle_hashes(self, text: str) -> np.ndarray:
-        """32-bit hashes of the document's shingles, repeats included (they cannot change a minimum), uint64."""
-        wh = word_hashes(text)
-        n = min(self.ngram, len(wh))
-        h = np.zeros(len(wh) - n + 1 if len(wh) else 0, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for j in range(n):  # polynomial combination of the n word hashes, kept to 32 bits
-                h = (h * np.uint64(1_000_003) + wh[j: len(wh) - n + 1 + j]) & np.uint64(MAX_HASH)
-        return h
+    def shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """32-bit hashes (uint64) of all documents' shingles, repeats included (they cannot change a minimum), and
+        each one's document. A text shorter than n words is one shingle: the window from its first word."""
+        words, n = [word_hashes(t) for t in texts], self.ngram
+        pad, k = np.zeros(n - 1, np.uint64), np.array([len(w) for w in words], dtype=np.int64)  # k: words per document
+        wh = np.concatenate([pad] + [x for w in words for x in (w, pad)])  # n-1 zeros before every document
+        h = np.zeros(len(wh) - n + 1, dtype=np.uint64)  # h[i]: the window of n word hashes that ends at wh[i + n - 1]
+        for j in range(n):  # leading zeros change no polynomial: a window reaching into the zeros is a shorter one
+            h = h * np.uint64(1_000_003) + wh[j: j + len(h)]  # (& MAX_HASH at the end: the same as mod 2^32 throughout)
+        doc = np.repeat(np.arange(len(texts)), k)
+        t = np.arange(len(doc)) - np.repeat(np.cumsum(k) - k, k)  # each word's place in its document
+        keep = t >= np.minimum(k, n)[doc] - 1  # windows of n words, and the one window of a shorter document
+        return h[np.arange(len(doc)) + (n - 1) * doc][keep] & np.uint64(MAX_HASH), doc[keep]
 
     def signatures(self, texts: list[str]) -> np.ndarray:
         """(n_docs, num_perm) uint64 signatures; a document without shingles gets all MAX_HASH."""
-        k, hashes = self.num_perm, [self.shingle_hashes(t) for t in texts]
+        k, (h, doc) = self.num_perm, self.shingle_hashes(texts)
         out = np.full((len(texts), k), MAX_HASH, dtype=np.uint64)
-        sizes = np.array([len(h) for h in hashes], dtype=np.int64)
-        if sizes.sum():
-            with np.errstate(over="ignore"):  # the one permutation; the product wraps mod 2^64, as in datasketch
-                v = (np.concatenate(hashes) * self.a + self.b) % np.uint64(MERSENNE_PRIME)
-            doc = np.repeat(np.arange(len(texts), dtype=np.uint64), sizes)
-            bin_, val = v % np.uint64(k), (v // np.uint64(k)) & np.uint64(MAX_HASH)
-            np.minimum.at(out.reshape(-1), (doc * np.uint64(k) + bin_).astype(np.int64), val)  # min per (doc, bin)
-        for row in np.flatnonzero((out == MAX_HASH).any(axis=1) & (sizes > 0)):
+        v = (h * self.a + self.b) % np.uint64(MERSENNE_PRIME)  # the one permutation, wrapping mod 2^64 as datasketch
+        bin_, val = v % np.uint64(k), (v // np.uint64(k)) & np.uint64(MAX_HASH)
+        np.minimum.at(out.reshape(-1), doc * k + bin_.astype(np.int64), val)  # the minimum per (doc, bin)
+        for row in np.flatnonzero((out == MAX_HASH).any(axis=1) & (np.bincount(doc, minlength=len(texts)) > 0)):
             self.densify(out[row])
         return out
 
@@ -494,14 +486,19 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
 def candidate_pairs(keys: np.ndarray, doc_ids: np.ndarray) -> set[tuple[int, int]]:
     """Pairs of documents that share a bucket in some band. Each document is paired with the bucket's first
     member (and small buckets with every member), which keeps clusters connected without n² pairs."""
-    pairs = set()
+    found = []
     for band in range(keys.shape[1]):
         order = np.argsort(keys[:, band], kind="stable")
-        for group in np.split(order, np.flatnonzero(np.diff(keys[order, band])) + 1):  # runs of one key
-            members = sorted(int(doc_ids[g]) for g in group)
-            small = len(members) <= 20  # a bucket of one gives no pair either way
-            pairs.update(itertools.combinations(members, 2) if small else ((members[0], b) for b in members[1:]))
-    return pairs
+        new = np.diff(keys[order, band], prepend=keys[order[:1], band] + np.uint64(1)) != 0  # a bucket starts
+        run, start = np.cumsum(new) - 1, np.flatnonzero(new)  # each position's bucket; each bucket's first position
+        small = np.diff(np.append(start, len(order)))[run] <= 20
+        pos = np.flatnonzero(~small & ~new)  # big buckets: each member with the first
+        found.append((order[start[run[pos]]], order[pos]))
+        for d in range(1, 20):  # small buckets: the members d places apart, for every d
+            pos = np.flatnonzero((run[d:] == run[:-d]) & small[d:])
+            found.append((order[pos], order[pos + d]))
+    a, b = (doc_ids[np.concatenate(x)] for x in zip(*found))  # found has one entry per band at least
+    return set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
 
 class UnionFind:
     def __init__(self, n: int):
@@ -519,10 +516,10 @@ class UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)  # the smaller index is the root: the first document is kept
 
 def clusters_from_pairs(n: int, pairs, sigs: np.ndarray | None, threshold: float) -> tuple[np.ndarray, list[list[int]]]:
-    uf = UnionFind(n)
-    for a, b in sorted(pairs):
-        if sigs is None or estimated_jaccard(sigs[a], sigs[b]) >= threshold:
-            uf.union(a, b)
+    uf, pairs = UnionFind(n), np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+    agree = (sigs[pairs[:, 0]] == sigs[pairs[:, 1]]).mean(axis=1) if sigs is not None else np.ones(len(pairs))
+    for a, b in pairs[agree >= threshold].tolist():  # agree: estimated_jaccard of every pair at once
+        uf.union(a, b)
     groups = collections.defaultdict(list)
     for i in range(n):
         groups[uf.find(i)].append(i)

@@ -1,7 +1,7 @@
 """Fuzzy dedup (data_pipeline.py) against datasketch on the default corpus, Python's standard library: MinHash
-signatures and the whole dedup (signatures, LSH, clusters) timed in one run, the same dedup shared by 2 gloo
-processes, where the time of our fast path goes, and both methods' recall and precision against exact Jaccard on a
-sample.
+signatures and the whole dedup (signatures, LSH, clusters) timed in interleaved runs (medians), the same dedup
+shared by 2 gloo processes, where the time of our fast path goes, and both methods' recall and precision against
+exact Jaccard on a sample.
 
 Run:   python benchmarks/data_pipeline_bench.py
        python benchmarks/data_pipeline_bench.py --sample 600 --threshold 0.7
@@ -11,6 +11,7 @@ import collections
 import os
 import random
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -87,24 +88,26 @@ def distributed_dedup(texts, args, world=2):
 
 
 def profile_fast_path(texts, args):
-    """Where our fast dedup spends its time: word hashing, shingles + one permutation, densification, LSH, clusters."""
-    hasher = dp.MinHasher(args.num_perm, args.ngram)
-    t = {}
-    t0 = time.perf_counter()
+    """Where our fast dedup spends its time: word hashing, the rest of signing (shingles, the one permutation, the
+    minimum per bin, densification), choosing the bands, LSH, verification and union-find (CPU seconds)."""
+    hasher, t = dp.MinHasher(args.num_perm, args.ngram), {}
+    t0 = time.process_time()
     for text in texts:
         dp.word_hashes(text)
-    t["hash the words"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t["hash the words"] = time.process_time() - t0
+    t0 = time.process_time()
     sigs = hasher.signatures(texts)
-    t["signatures (words, shingles, permutation, bins)"] = time.perf_counter() - t0
+    t["signatures: shingles, permutation, bins"] = time.process_time() - t0 - t["hash the words"]
+    t0 = time.process_time()
     bands, rows = dp.lsh_params(args.threshold, args.num_perm, 0.1, 0.9)
-    t0 = time.perf_counter()
+    t["LSH: choose bands and rows"] = time.process_time() - t0
+    t0 = time.process_time()
     signed = np.flatnonzero((sigs != dp.MAX_HASH).any(axis=1))
     pairs = dp.candidate_pairs(dp.band_keys(sigs[signed], bands, rows), signed)
-    t["LSH: band keys and candidate pairs"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t["LSH: band keys and candidate pairs"] = time.process_time() - t0
+    t0 = time.process_time()
     dp.clusters_from_pairs(len(texts), pairs, sigs, args.threshold)
-    t["verify pairs and union-find"] = time.perf_counter() - t0
+    t["verify pairs and union-find"] = time.process_time() - t0
     return t
 
 
@@ -115,7 +118,10 @@ def main(argv=None):
     p.add_argument("--ngram", type=int, default=5, help="words per shingle")
     p.add_argument("--sample", type=int, default=400, help="documents for the exact-Jaccard quality check")
     p.add_argument("--sha1-docs", type=int, default=200, help="documents for the slow, classic SHA-1 MinHash")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timed runs of each dedup (medians reported)")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: time each dedup at least once (try --repeats 3)")
     docs = dp.read_documents(dp.default_inputs(), collections.Counter(), {})
     texts = [d.text for d in docs if d.text.strip()]
     mb = sum(len(t.encode()) for t in texts) / 1e6
@@ -123,32 +129,44 @@ def main(argv=None):
           f"{args.num_perm} permutations, {args.ngram}-word shingles")
 
     dp.MinHasher(args.num_perm, args.ngram).signatures(texts)  # warm-up: tables of powers, first allocations
-    t0 = time.perf_counter()
-    dp.MinHasher(args.num_perm, args.ngram).signatures(texts)
-    t_fast = time.perf_counter() - t0
     few = texts[: args.sha1_docs]
     t0 = time.perf_counter()
     for t in few:
         dp.minhash(set(dp.shingles(t, args.ngram)), args.num_perm)
     t_sha1 = (time.perf_counter() - t0) * len(texts) / len(few)  # extrapolated from the first documents
-    t0 = time.perf_counter()
-    keep_ours, _ = dp.fuzzy_dedup(texts, args.threshold, args.num_perm, args.ngram)
-    t_ours = time.perf_counter() - t0
-    keep_ds, t_ds_sig, t_ds = datasketch_dedup(texts, args.threshold, args.num_perm, args.ngram)
-    print(f"\n{'':<34} {'signatures s':>12} {'docs/s':>8} {'whole dedup s':>14} {'docs/s':>8} {'removed':>8}")
+    runs = collections.defaultdict(list)
+    for _ in range(args.repeats):  # interleaved, so that on a shared machine both methods see the same load
+        t0 = time.perf_counter()
+        dp.MinHasher(args.num_perm, args.ngram).signatures(texts)
+        runs["fast"].append(time.perf_counter() - t0)
+        c0, t0 = time.process_time(), time.perf_counter()
+        keep_ours, _ = dp.fuzzy_dedup(texts, args.threshold, args.num_perm, args.ngram)
+        runs["ours"].append(time.perf_counter() - t0)
+        runs["ours cpu"].append(time.process_time() - c0)
+        c0 = time.process_time()
+        keep_ds, t_ds_sig, t_ds = datasketch_dedup(texts, args.threshold, args.num_perm, args.ngram)
+        runs["ds cpu"].append(time.process_time() - c0)
+        runs["ds sig"].append(t_ds_sig)
+        runs["ds"].append(t_ds)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    t_fast, t_ours, t_ds_sig, t_ds = med["fast"], med["ours"], med["ds sig"], med["ds"]
+    print(f"\n{'':<34} {'signatures s':>12} {'docs/s':>8} {'whole dedup s':>14} {'docs/s':>8} {'removed':>8}"
+          f"   (wall-clock medians of {args.repeats} interleaved runs)")
     print(f"{'ours, fast path':<34} {t_fast:>12.2f} {len(texts) / t_fast:>8.0f} {t_ours:>14.2f} "
           f"{len(texts) / t_ours:>8.0f} {(~keep_ours).sum():>8}")
     print(f"{'ours, classic SHA-1 (datasketch bits)':<34} {t_sha1:>12.2f} {len(texts) / t_sha1:>8.0f}"
           f"   (extrapolated from {len(few)} documents)")
     print(f"{'datasketch MinHash.bulk + LSH':<34} {t_ds_sig:>12.2f} {len(texts) / t_ds_sig:>8.0f} {t_ds:>14.2f} "
           f"{len(texts) / t_ds:>8.0f} {(~keep_ds).sum():>8}")
-    print(f"speed-up, ours (fast) over datasketch: signatures {t_ds_sig / t_fast:.1f}x, whole dedup {t_ds / t_ours:.1f}x")
+    per_run = sorted(d / o for d, o in zip(runs["ds"], runs["ours"]))
+    print(f"speed-up, ours (fast) over datasketch: signatures {t_ds_sig / t_fast:.1f}x, "
+          f"whole dedup {t_ds / t_ours:.1f}x (per run {per_run[0]:.1f}x to {per_run[-1]:.1f}x; in CPU seconds {med['ds cpu'] / med['ours cpu']:.1f}x)")
     t_2, removed_2 = distributed_dedup(texts, args)
     print(f"ours on 2 gloo processes: whole dedup {t_2:.2f} s ({len(texts) / t_2:.0f} docs/s), {removed_2} removed "
           f"(1 process: {(~keep_ours).sum()})")
-    print("\nwhere our fast dedup spends its time:")
+    print("\nwhere our fast dedup spends its time (CPU seconds):")
     for stage, seconds in profile_fast_path(texts, args).items():
-        print(f"  {stage:<48} {seconds:>6.2f} s")
+        print(f"  {stage:<48} {seconds:>6.3f} s")
 
     rng = random.Random(0)
     sample = [texts[i] for i in sorted(rng.sample(range(len(texts)), min(args.sample, len(texts))))]

@@ -226,6 +226,20 @@ def test_fast_hash_estimates_jaccard_within_the_minhash_error():
     assert abs(np.mean(errors)) < 0.02  # and it is unbiased
 
 
+def test_word_hashes_equal_the_polynomial_written_out():
+    """The vectorised prefix-sum hash against Σ code_i·P^(e-1-i) mod 2^64 computed one word at a time in Python;
+    bytes.split() splits on exactly the ASCII whitespace the fast path uses."""
+    P = 0x100000001B3
+    def reference(word: bytes) -> int:
+        h = 0
+        for c in word:
+            h = (h * P + (c + 32 if 65 <= c <= 90 else c) + 1) % (1 << 64)
+        return (h ^ (h >> 32)) & 0xFFFFFFFF
+    long = "z" * 70_000 + " q"  # longer than the first table of powers (2^16)
+    for text in ("", " \t\n", "Hello,  WORLD\tcafé\u00a0Crème\x0bx\x1fy " + PROSE, long):
+        assert dp.word_hashes(text).tolist() == [reference(w) for w in text.encode("utf-8").split()]
+
+
 def planted_corpus(n_base=60, seed=0):
     """Random 300-word documents, and copies of some with a contiguous 2-10 % of their words rewritten (a changed
     paragraph, a different footer): exact 5-shingle Jaccard with the original from about 0.93 down to 0.79."""
