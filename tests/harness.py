@@ -9,6 +9,9 @@ run_distributed(..., nccl_rules=True) runs fn under NCCL's point-to-point rules,
 an unbatched send or receive blocks until its peer has posted the matching op; the ops of one
 dist.batch_isend_irecv are posted together and progress together. Code that would hang on NCCL fails here, within
 `nccl_timeout` seconds, with an error naming the rank, the peer and the op.
+
+run_distributed(..., backend="nccl") runs the ranks on real GPUs instead (tests/test_gpu.py): rank r sets
+LOCAL_RANK = r and calls torch.cuda.set_device(r) before the process group exists, as the scripts' setup does.
 """
 import datetime
 import functools
@@ -120,7 +123,7 @@ class NcclRules:
                     f"(dist.batch_isend_irecv) or in an order that is safe when every send blocks.") from None
 
 
-def _worker(rank, world_size, port, fn, args, queue, pg_timeout, nccl_rules):
+def _worker(rank, world_size, port, fn, args, queue, pg_timeout, nccl_rules, backend="gloo"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     import torch
@@ -128,7 +131,9 @@ def _worker(rank, world_size, port, fn, args, queue, pg_timeout, nccl_rules):
     torch.set_num_threads(1)  # N processes share 2 cores: one thread each avoids oversubscription
     try:
         timeout = datetime.timedelta(seconds=pg_timeout)
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+        if backend == "nccl":  # one GPU per rank, chosen before anything touches CUDA (else all land on cuda:0)
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
         if nccl_rules is not None:
             store_port, nccl_timeout = nccl_rules
             store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)
@@ -148,17 +153,21 @@ def _store_for_rules():
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 120, pg_timeout: float = 60,
-                    nccl_rules: bool = False, nccl_timeout: float = 15):
+                    nccl_rules: bool = False, nccl_timeout: float = 15, backend: str = "gloo"):
     """Run fn(*args) on world_size gloo ranks; return [result of rank 0, result of rank 1, ...].
     pg_timeout is the process group's own timeout: how long a collective or recv waits for a silent peer.
-    nccl_rules=True: point-to-point ops obey NCCL's rules (NcclRules); a deadlock fails after nccl_timeout s."""
+    nccl_rules=True: point-to-point ops obey NCCL's rules (NcclRules); a deadlock fails after nccl_timeout s.
+    backend="nccl": real NCCL on GPUs 0..world_size-1 (rank r on cuda:r); the emulation is then not needed."""
+    if backend not in ("gloo", "nccl") or (backend == "nccl" and nccl_rules):
+        raise ValueError(f"backend {backend!r}, nccl_rules={nccl_rules}: use gloo (optionally with nccl_rules) or nccl")
     ctx = mp.get_context("forkserver")  # workers fork from a server that imported torch once: fast and clean
     ctx.set_forkserver_preload(["torch", "torch.distributed", "numpy"])
     queue = ctx.Queue()
     port = free_port()
     store = _store_for_rules() if nccl_rules else None
     rules = (store.port, nccl_timeout) if nccl_rules else None
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, pg_timeout, rules), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, pg_timeout, rules, backend),
+                         daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
