@@ -15,6 +15,7 @@ LOCAL_RANK = r and calls torch.cuda.set_device(r) before the process group exist
 """
 import datetime
 import functools
+import io
 import inspect
 import os
 import queue as queue_mod
@@ -72,6 +73,7 @@ class NcclRules:
         def call(*args, **kwargs):
             bound = signature.bind(*args, **kwargs).arguments
             group, group_peer = bound.get("group"), bound.get("group_" + peer_arg)
+            self._no_tag(bound.get("tag", 0), name)
             if not self.c10d._rank_not_in_group(group):
                 peer = self._global_peer(name, bound.get(peer_arg), group, group_peer)
                 self._wait_for_peers([self._announce(name.endswith("send"), peer, group)], name)
@@ -81,6 +83,8 @@ class NcclRules:
     def _batch(self, p2p_op_list):
         """Announce every op of the batch, wait for all their peers, then hand each op to gloo."""
         self.c10d._check_p2p_op_list(p2p_op_list)
+        for op in p2p_op_list:
+            self._no_tag(op.tag, "batch_isend_irecv")
         keys = [self._announce(op.op in self.is_send, op.peer, op.group) for op in p2p_op_list]
         self._wait_for_peers(keys, "batch_isend_irecv")
         works = []
@@ -91,6 +95,12 @@ class NcclRules:
                         **{"group_dst" if sending else "group_src": op.group_peer})
             works += [work] if work is not None else []
         return works
+
+    @staticmethod
+    def _no_tag(tag: int, name: str) -> None:
+        """NCCL ignores tags and matches in issue order; gloo matches by tag, so a tagged pattern could pass here."""
+        if tag:
+            raise RuntimeError(f"NCCL rules: dist.{name} with tag {tag}: NCCL ignores tags, matching in issue order")
 
     def _global_peer(self, name: str, peer, group, group_peer) -> int:
         if group_peer is not None:
@@ -138,12 +148,21 @@ def _worker(rank, world_size, port, fn, args, queue, pg_timeout, nccl_rules, bac
             store_port, nccl_timeout = nccl_rules
             store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)
             NcclRules(store, nccl_timeout).install()
-        queue.put((rank, True, fn(*args)))
+        queue.put((rank, True, _by_value(fn(*args))))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _by_value(result) -> bytes:
+    """The result serialised whole: a tensor put on the queue as itself travels as a file descriptor into shared
+    memory, which breaks (ConnectionResetError) when its rank exits before the test process has read it."""
+    import torch
+    buffer = io.BytesIO()
+    torch.save(result, buffer)
+    return buffer.getvalue()
 
 
 def _store_for_rules():
@@ -161,10 +180,11 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120, pg_timeout
     if backend not in ("gloo", "nccl") or (backend == "nccl" and nccl_rules):
         raise ValueError(f"backend {backend!r}, nccl_rules={nccl_rules}: use gloo (optionally with nccl_rules) or nccl")
     ctx = mp.get_context("forkserver")  # workers fork from a server that imported torch once: fast and clean
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "numpy"])
+    # what every rank imports anyway, once: torch.optim pulls in torch._dynamo (seconds per process)
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.nn", "torch._dynamo", "numpy"])
     queue = ctx.Queue()
+    store = _store_for_rules() if nccl_rules else None  # bound before the free port is chosen, so it cannot take it
     port = free_port()
-    store = _store_for_rules() if nccl_rules else None
     rules = (store.port, nccl_timeout) if nccl_rules else None
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, pg_timeout, rules, backend),
                          daemon=True)
@@ -189,7 +209,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120, pg_timeout
                     break
                 continue
             if ok:
-                results[rank] = value
+                import torch
+                results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append((rank, value))
                 # The other ranks may now wait forever on the dead one: give them a little time, then stop.
