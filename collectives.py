@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -334,8 +335,7 @@ def main(argv=None) -> list[list[dict]]:
 def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
     """Join the torchrun job (or make a job of one process): nccl on CUDA, gloo on CPU. CUDA is touched only after
     set_device, so every process works on its own GPU."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
         if not torch.cuda.is_available():
@@ -360,6 +360,7 @@ def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()  # free garbage that holds collective work now, not from gloo's threads during interpreter shutdown
 
 
 def now(device: torch.device | str | None = None) -> float:
@@ -408,10 +409,9 @@ class CommCounter:
     def totals(self, phase: str | None = None) -> dict[str, tuple[int, int]]:
         """{op: (calls, bytes)} over the events of one phase, or of all of them."""
         out = {}
-        for ph, op, nbytes in self.events:
-            if phase is None or ph == phase:
-                calls, total = out.get(op, (0, 0))
-                out[op] = (calls + 1, total + nbytes)
+        for _, op, nbytes in (e for e in self.events if phase in (None, e[0])):
+            calls, total = out.get(op, (0, 0))
+            out[op] = (calls + 1, total + nbytes)
         return out
 
 
