@@ -337,7 +337,9 @@ def train(dp: int, pp: int, tp: int, steps: int = 5, cfg: GPTConfig | None = Non
         reference_loss = model(*(b.to(device) for b in batches[0])).item()
     stage, schedule = build_3d(model, mesh, n_microbatches, device)
     tied_group = tied_weight_groups(dp, pp, tp) if cfg.tie_weights and pp > 1 else None  # same test on every rank
-    opt = torch.optim.AdamW(stage.parameters(), lr=lr, weight_decay=0.1)
+    # DTensor and plain parameters in two groups: CUDA's default (foreach) AdamW cannot mix them in one call
+    kinds = [[q for q in stage.parameters() if isinstance(q, DTensor) == d] for d in (True, False)]
+    opt = torch.optim.AdamW([{"params": k} for k in kinds if k], lr=lr, weight_decay=0.1)
     losses, times, traffic = [], [], {}
     last = dist.get_global_rank(mesh["pp"].get_group(), pp - 1)  # this rank's peer on the last stage
     for step, (x, y) in enumerate(batches):

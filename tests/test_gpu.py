@@ -205,6 +205,9 @@ def test_muon_all_gathers_equal_formula_on_gpus():
     out = launch("muon.py", f"--steps 5 --batch-size {batch}")
     assert "validation loss" in out, out
     counted = re.search(r"counted: (\S+) calls, (\S+) KiB .* formula .*: (\S+) calls, (\S+) KiB", out)
+    if GPUS == 1:  # one process orthogonalises every matrix itself: nothing to gather, and the line is not printed
+        assert counted is None, out
+        return
     assert counted and counted[1] == counted[3] and counted[2] == counted[4], out
 
 

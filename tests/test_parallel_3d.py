@@ -1,3 +1,4 @@
+import functools
 import json
 import re
 
@@ -107,6 +108,24 @@ def test_dp2_pp2_tp2_on_8_processes_equals_single_process_training_with_tied_wei
         p2p = [counted.get(k, (0, 0)) for k in ("c10d.send", "c10d.recv_")]
         assert traffic["pp"] == (p2p[0][0] + p2p[1][0], p2p[0][1] + p2p[1][1]) == (4, 4 * 2 * 16 * 32 * 4)
         assert traffic["tied"] == (1, 256 * 32 * 4)  # the (vocab, d) embedding's gradient, once
+
+
+def _foreach_update_equals_single_process():
+    cfg = p3d.GPTConfig(n_layer=2, d_model=32, n_head=4, seq_len=16, tie_weights=False)
+    data = p3d.load_text(max_bytes=100_000)
+    adamw = torch.optim.AdamW
+    torch.optim.AdamW = functools.partial(adamw, foreach=True)  # CUDA's default; CPU's is a per-tensor loop
+    try:
+        out = p3d.train(1, 1, 2, steps=3, cfg=cfg, batch_size=4, n_microbatches=2, data=data)
+    finally:
+        torch.optim.AdamW = adamw
+    _check_against_single_process(out, cfg, data, 3, 4)
+    return True
+
+
+def test_foreach_adamw_as_on_cuda_trains_like_one_process():
+    # a foreach update over DTensor and plain parameters together is refused by DTensor (found on a GPU)
+    assert run_distributed(_foreach_update_equals_single_process, 2) == [True, True]
 
 
 def _tied_gradients_after_sync():
