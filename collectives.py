@@ -33,6 +33,46 @@ import torch.distributed as dist
 # --- the technique -----------------------------------------------------
 
 
+def show_primitives(device: torch.device) -> list[str]:
+    """Run the five built-in collectives on tiny tensors; return 'before -> after' lines of every rank (rank 0)."""
+    r, n = dist.get_rank(), dist.get_world_size()
+    lines = []
+
+    def report(name, why, before, after):
+        rows = [None] * n
+        dist.all_gather_object(rows, ([round(v, 2) for v in before.tolist()], [round(v, 2) for v in after.tolist()]))
+        lines.append(f"{name}: {why}")
+        lines.extend(f"  rank {i}: {b} -> {a}" for i, (b, a) in enumerate(rows))
+
+    x = torch.full((3,), float(r), device=device) if r else torch.tensor([0.1, 0.2, 0.3], device=device)
+    before = x.clone()
+    dist.broadcast(x, src=0)
+    report("broadcast", "rank 0's initial weights reach every rank", before, x)
+
+    x = torch.full((3,), float(r + 1), device=device)
+    before = x.clone()
+    dist.all_reduce(x)
+    report("all-reduce (sum)", "every rank's gradient summed, the sum on every rank", before, x)
+
+    x = torch.full((2,), float(r), device=device)
+    out = torch.empty(2 * n, device=device)
+    dist.all_gather_single(out, x)
+    report("all-gather", "each rank's parameter shard, the full tensor on every rank", x, out)
+
+    x = torch.arange(2 * n, dtype=torch.float32, device=device) + 10 * r
+    out = torch.empty(2, device=device)
+    dist.reduce_scatter_single(out, x)
+    report("reduce-scatter (sum)", "gradients summed, each rank keeps only its shard of the sum", x, out)
+
+    x = torch.tensor([100 * r + j for j in range(n)], dtype=torch.float32, device=device)
+    out = torch.empty(n, device=device)
+    dist.all_to_all_single(out, x)
+    report("all-to-all", "token j of rank r goes to expert (rank) j: 100r+j lands on rank j", x, out)
+    return lines
+
+
+# All-reduce rebuilt from point-to-point messages: a ring of N ranks, reduce-scatter then all-gather.
+
 def _check_device(x: torch.Tensor, group=None) -> None:
     backend = dist.get_backend(group)
     if backend == "nccl" and x.device.type != "cuda":
@@ -141,44 +181,6 @@ def naive_bytes_formula(numel: int, element_size: int, n: int, rank: int) -> int
 
 
 # --- demo --------------------------------------------------------------
-
-
-def show_primitives(device: torch.device) -> list[str]:
-    """Run the five built-in collectives on tiny tensors; return 'before -> after' lines of every rank (rank 0)."""
-    r, n = dist.get_rank(), dist.get_world_size()
-    lines = []
-
-    def report(name, why, before, after):
-        rows = [None] * n
-        dist.all_gather_object(rows, ([round(v, 2) for v in before.tolist()], [round(v, 2) for v in after.tolist()]))
-        lines.append(f"{name}: {why}")
-        lines.extend(f"  rank {i}: {b} -> {a}" for i, (b, a) in enumerate(rows))
-
-    x = torch.full((3,), float(r), device=device) if r else torch.tensor([0.1, 0.2, 0.3], device=device)
-    before = x.clone()
-    dist.broadcast(x, src=0)
-    report("broadcast", "rank 0's initial weights reach every rank", before, x)
-
-    x = torch.full((3,), float(r + 1), device=device)
-    before = x.clone()
-    dist.all_reduce(x)
-    report("all-reduce (sum)", "every rank's gradient summed, the sum on every rank", before, x)
-
-    x = torch.full((2,), float(r), device=device)
-    out = torch.empty(2 * n, device=device)
-    dist.all_gather_single(out, x)
-    report("all-gather", "each rank's parameter shard, the full tensor on every rank", x, out)
-
-    x = torch.arange(2 * n, dtype=torch.float32, device=device) + 10 * r
-    out = torch.empty(2, device=device)
-    dist.reduce_scatter_single(out, x)
-    report("reduce-scatter (sum)", "gradients summed, each rank keeps only its shard of the sum", x, out)
-
-    x = torch.tensor([100 * r + j for j in range(n)], dtype=torch.float32, device=device)
-    out = torch.empty(n, device=device)
-    dist.all_to_all_single(out, x)
-    report("all-to-all", "token j of rank r goes to expert (rank) j: 100r+j lands on rank j", x, out)
-    return lines
 
 
 def bytes_sent(fn) -> tuple[object, int]:
@@ -304,9 +306,6 @@ def main(argv=None) -> list[list[dict]]:
     for flag, example in (("numel", 1048576), ("repeats", 5)):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} {getattr(args, flag)} is not positive (try --{flag} {example})")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible here (use --device cpu)")
-
     rank, n, device = setup_distributed(args.device)
     try:
         dtype = DTYPES[args.dtype]

@@ -347,9 +347,10 @@ def print_report(r: dict, cfg: GPTConfig, args, dense: dict | None) -> None:
     if dense:
         print(f"\ncross-entropy after {args.steps} steps: MoE {last['loss']:.3f} | dense with the same active parameters per "
               f"token {dense['log'][-1]['loss']:.3f} ({dense['params_per_rank']:,} parameters)")
-        print("step  " + " ".join(f"{s:>6}" for s in range(1, args.steps + 1, max(1, args.steps // 8))))
+        shown = range(1, args.steps + 1, max(1, args.steps // 8))
+        print("step  " + " ".join(f"{s:>6}" for s in shown))
         for name, res in (("moe", r), ("dense", dense)):
-            print(f"{name:<6}" + " ".join(f"{res['log'][s - 1]['loss']:6.3f}" for s in range(1, args.steps + 1, max(1, args.steps // 8))))
+            print(f"{name:<6}" + " ".join(f"{res['log'][s - 1]['loss']:6.3f}" for s in shown))
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -200,9 +200,7 @@ def load_checkpoint(path: str, model, optimizer, cfg) -> int:
     return json.loads((p / "train_state.json").read_text())["step"]
 
 
-# --- demo --------------------------------------------------------------
-
-
+# The training loop: every rank runs the same steps on its slice of the batch; FSDP gathers and scatters inside.
 def build_model(cfg: GPTConfig, device="cpu", seed: int = 0) -> TinyGPT:
     torch.manual_seed(seed)  # the same initial weights on every rank, whatever the sharding
     return TinyGPT(cfg).to(device)
@@ -244,51 +242,6 @@ def evaluate(model, val, cfg, batches: int, rank: int, n: int, device, per_batch
     dist.all_reduce(total)
     model.train()
     return (total[0] / total[1]).item()
-
-
-@torch.no_grad()
-def generate(model, prompt: bytes, length: int, cfg, device, temperature: float = 0.8, seed: int = 0) -> bytes:
-    """Sample bytes; every rank runs the same forward passes (FSDP's gathers are collectives)."""
-    model.eval()
-    g, idx = torch.Generator().manual_seed(seed), list(prompt)
-    for _ in range(length):
-        logits = model(torch.tensor([idx[-cfg.seq_len:]], device=device))[0, -1].float() / temperature
-        idx.append(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=g).item())
-    model.train()
-    return bytes(idx[len(prompt):])
-
-
-def measure_peak_tflops(device, dtype=torch.float32, size: int = 1024, repeats: int = 5) -> float:
-    """The best rate one rank's matmuls reach here in `dtype`: MFU's denominator where the table has no entry."""
-    a, b = torch.randn(2, size, size, device=device, dtype=dtype)
-    seconds = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        t0 = now(device)
-        a @ b
-        seconds.append(now(device) - t0)
-    return 2 * size**3 / min(seconds[1:]) / 1e12
-
-
-def peak_memory_mib(device, reset: bool = False) -> float:
-    """Peak memory since the last reset (so each strategy reports its own): CUDA's allocator, or a CPU process's peak
-    resident set (Linux's VmHWM, which writing 5 to clear_refs resets)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device) if reset else None
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5") if reset else None
-        return next(int(line.split()[1]) for line in Path("/proc/self/status").open() if line.startswith("VmHWM")) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the peak since the process began
-
-
-def log_step(log: dict, step: int, args, tokens: int, dt: float, cfg, device) -> None:
-    """One line per logged step (rank 0): stage, loss, lr, throughput, memory and MFU."""
-    stage = f" | stage {log['stage'][-1]}" if log["stage"][-1] else ""
-    val = f" | val {log['val'][-1][1]:.3f}" if log["val"] and log["val"][-1][0] == step + 1 else ""
-    mfu = flops_per_token(cfg) * tokens / dt / (args.peak_tflops * 1e12 * dist.get_world_size())
-    print(f"step {step + 1}/{args.steps}{stage} | loss {log['loss'][-1]:.3f}{val} | lr {log['lr'][-1]:.2e} | "
-          f"{tokens / dt / 1e3:.1f}k tok/s | {dt * 1e3:.0f} ms | peak {peak_memory_mib(device):.0f} MiB | "
-          f"MFU {100 * mfu:.2f}%", flush=True)
 
 
 def train_step(wrapped, model, opt, data, step: int, args, device) -> float:
@@ -349,6 +302,54 @@ def train(args) -> dict:
             "ms_per_step": statistics.median(times[1:] or times) * 1e3 if times else None, "start_step": start,
             "final_loss": (log["loss"] or [None])[-1], "final_val": (log["val"] or [(0, None)])[-1][1],
             "sample": sample.decode("utf-8", "replace"), "peak_mib": peak_memory_mib(device)}
+
+
+# --- demo --------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(model, prompt: bytes, length: int, cfg, device, temperature: float = 0.8, seed: int = 0) -> bytes:
+    """Sample bytes; every rank runs the same forward passes (FSDP's gathers are collectives)."""
+    model.eval()
+    g, idx = torch.Generator().manual_seed(seed), list(prompt)
+    for _ in range(length):
+        logits = model(torch.tensor([idx[-cfg.seq_len:]], device=device))[0, -1].float() / temperature
+        idx.append(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=g).item())
+    model.train()
+    return bytes(idx[len(prompt):])
+
+
+def measure_peak_tflops(device, dtype=torch.float32, size: int = 1024, repeats: int = 5) -> float:
+    """The best rate one rank's matmuls reach here in `dtype`: MFU's denominator where the table has no entry."""
+    a, b = torch.randn(2, size, size, device=device, dtype=dtype)
+    seconds = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        t0 = now(device)
+        a @ b
+        seconds.append(now(device) - t0)
+    return 2 * size**3 / min(seconds[1:]) / 1e12
+
+
+def peak_memory_mib(device, reset: bool = False) -> float:
+    """Peak memory since the last reset (so each strategy reports its own): CUDA's allocator, or a CPU process's peak
+    resident set (Linux's VmHWM, which writing 5 to clear_refs resets)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device) if reset else None
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5") if reset else None
+        return next(int(line.split()[1]) for line in Path("/proc/self/status").open() if line.startswith("VmHWM")) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the peak since the process began
+
+
+def log_step(log: dict, step: int, args, tokens: int, dt: float, cfg, device) -> None:
+    """One line per logged step (rank 0): stage, loss, lr, throughput, memory and MFU."""
+    stage = f" | stage {log['stage'][-1]}" if log["stage"][-1] else ""
+    val = f" | val {log['val'][-1][1]:.3f}" if log["val"] and log["val"][-1][0] == step + 1 else ""
+    mfu = flops_per_token(cfg) * tokens / dt / (args.peak_tflops * 1e12 * dist.get_world_size())
+    print(f"step {step + 1}/{args.steps}{stage} | loss {log['loss'][-1]:.3f}{val} | lr {log['lr'][-1]:.2e} | "
+          f"{tokens / dt / 1e3:.1f}k tok/s | {dt * 1e3:.0f} ms | peak {peak_memory_mib(device):.0f} MiB | "
+          f"MFU {100 * mfu:.2f}%", flush=True)
 
 
 def print_summary(results: list[dict], shard_size: int) -> None:

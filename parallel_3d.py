@@ -362,8 +362,9 @@ def train(dp: int, pp: int, tp: int, steps: int = 5, cfg: GPTConfig | None = Non
             print(f"step {step + 1}/{steps} | loss {losses[-1]:.4f} | {times[-1] * 1e3:.0f} ms", flush=True)
     names = {id(q): n for n, q in model.named_parameters()}
     params = {names[id(q)]: (q.full_tensor() if isinstance(q, DTensor) else q).detach().clone() for q in stage.parameters()}
+    held = sum((q.to_local() if isinstance(q, DTensor) else q).numel() for q in stage.parameters())
     return {"coords": (d, p, t), "losses": losses, "reference_step0_loss": reference_loss, "params": params,
-            "params_held": sum((q.to_local() if isinstance(q, DTensor) else q).numel() for q in stage.parameters()), "model_params": sum(q.numel() for q in TinyGPT(cfg).parameters()),
+            "params_held": held, "model_params": sum(q.numel() for q in TinyGPT(cfg).parameters()),
             "layers_held": len(stage.blocks), "traffic": traffic, "ms_per_step": statistics.median(times) * 1e3}
 
 

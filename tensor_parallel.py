@@ -453,8 +453,6 @@ def validate(parser: argparse.ArgumentParser, args) -> GPTConfig:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     if args.lr <= 0:
         parser.error(f"--lr {args.lr}: must be above 0 (try --lr 3e-3)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible here (use --device cpu)")
     cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
     try:  # the divisibility rules live in check_sizes, which TPGPT applies too
         check_sizes(cfg, int(os.environ.get("WORLD_SIZE", 1)), args.sequence_parallel)

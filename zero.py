@@ -417,16 +417,19 @@ def train(stage: int, steps: int = 20, batch_size: int = 8, cfg: GPTConfig | Non
 def print_report(results: list[dict], n: int) -> None:
     """Memory and traffic per rank, measured, beside the ZeRO formulas (p = bytes per model parameter)."""
     phi, p = results[0]["num_params"], results[0]["param_bytes"]
-    print(f"\nPer-rank memory and traffic on N = {n}, Φ = {phi:,} parameters, KiB (formula: {p} bytes per parameter and gradient)")
-    print("stage |" + " |".join(f"{k:>9} {'formula':>8}" for k in ("params", "grads", "optim", "total")) + " | sent/step    paper | ms/step")
+    print(f"\nPer-rank memory and traffic on N = {n}, Φ = {phi:,} parameters, KiB "
+          f"(formula: {p} bytes per parameter and gradient)")
+    columns = " |".join(f"{k:>9} {'formula':>8}" for k in ("params", "grads", "optim", "total"))
+    print(f"stage |{columns} | sent/step    paper | ms/step")
     for r in results:
         f, m = estimate_memory(phi, n, r["stage"], param_bytes=p), r["memory"]
         paper = (3 if r["stage"] == 3 else 2) * phi * p * (n - 1) / n
         cells = " | ".join(f"{m[k] / 1024:>8.1f} {f[k] / 1024:>8.1f}" for k in ("params", "grads", "optimizer", "total"))
         print(f"{r['stage']:>5} | {cells} | {r['sent'] / 1024:>9.1f} {paper / 1024:>8.1f} | {r['ms_per_step']:>7.1f}")
+    stage3 = "split differently." if p == 2 else ("not the formula's 20Φ/N:\nthe fp32 shard is its master, where "
+                                                  "stages 0-2 keep an fp32 master beside fp32 parameters.")
     print("sent/step: the collectives CommCounter saw, priced at what a ring sends; stage 1 all-reduces, then all-gathers\n"
-          "(3Φ). Stage 3 holds fp32 shards and gradients (4Φ/N each) and m, v (8Φ/N): 16Φ/N, " + ("split differently."
-          if p == 2 else "not the formula's 20Φ/N:\nthe fp32 shard is its master, where stages 0-2 keep an fp32 master beside fp32 parameters."))
+          f"(3Φ). Stage 3 holds fp32 shards and gradients (4Φ/N each) and m, v (8Φ/N): 16Φ/N, {stage3}")
     for r in [r for r in results if "max_param_diff" in r]:
         print(f"stage {r['stage']}: largest |parameter difference| from single-process torch.optim.AdamW after "
               f"{len(r['losses'])} steps: {r['max_param_diff']:.2e}")
@@ -474,8 +477,6 @@ def main(argv=None):
         parser.error(f"--offload {args.offload}: offloading is built on stages 0-2 here (drop 3 from --stage)")
     if args.d_model % args.n_head:
         parser.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible here (use --device cpu)")
     if args.estimate:
         return print_estimate(args.params, args.world_size)
     try:
