@@ -1,14 +1,13 @@
 """From raw documents to clean, deduplicated text: extraction, quality rules, model filters, PII, exact and fuzzy dedup.
 
 Pretraining data is mostly thrown away: a web crawl loses most of its documents to boilerplate, language, quality
-and duplication filters. This script runs those stages in turn and prints the funnel: documents in, out, and why.
-The model filters learn what good text looks like from a high-quality reference (the documentation every Python
-install carries, as CCNet used Wikipedia). Near-duplicates are found with MinHash and locality-sensitive hashing:
-two documents whose shingle sets have Jaccard similarity s share one of b bands of r MinHash values with probability
+and duplication filters. This script runs those stages in turn, prints the funnel (documents in, out, and why) and
+writes the JSONL that every training script's --data reads and data_mixing.py mixes and orders. The model filters
+learn what good text looks like from a high-quality reference (the documentation every Python install carries, as
+CCNet used Wikipedia). Near-duplicates are found with MinHash and locality-sensitive hashing: two documents whose
+shingle sets have Jaccard similarity s share one of b bands of r MinHash values with probability
 
     P(candidate) = 1 - (1 - s^r)^b,   an S-curve that rises around the threshold (1/b)^(1/r).
-
-The output JSONL is what every training script's --data reads, and what data_mixing.py mixes and orders.
 
 Run:   python data_pipeline.py --output clean.jsonl                  (Python's standard library as the corpus)
        python data_pipeline.py pages/ notes.txt --output clean.jsonl --languages en --skip perplexity
@@ -28,7 +27,6 @@ import os
 import random
 import re
 import struct
-import sys
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -38,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 # --- stage 1: HTML to text --------------------------------------------------------------------------------------------
 SKIPPED_TAGS = {"script", "style", "nav", "header", "footer", "aside", "form", "noscript", "head", "svg", "button"}
@@ -50,13 +47,11 @@ class _TextExtractor(HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)  # entities (&amp;, &#233;) decoded by the parser
         self.parts, self.skip_depth, self.pre_depth = [], 0, 0
-
     def _newlines(self, k: int) -> None:
         """End the current line (k=1) or paragraph (k=2), without stacking blank lines."""
         tail = "".join(self.parts[-3:])
         have = len(tail) - len(tail.rstrip("\n")) if tail.strip(" ") else k
         self.parts.append("\n" * max(0, k - have))
-
     def handle_starttag(self, tag, attrs):
         if tag in SKIPPED_TAGS:
             self.skip_depth += 1
@@ -65,21 +60,18 @@ class _TextExtractor(HTMLParser):
             if tag in BLOCK_TAGS:
                 self._newlines(2 if tag in PARAGRAPH_TAGS else 1)
             self.parts.append({"li": "- ", "td": " | ", "th": " | "}.get(tag, ""))
-
     def handle_endtag(self, tag):
         if tag in SKIPPED_TAGS:
             self.skip_depth = max(0, self.skip_depth - 1)
         elif not self.skip_depth and tag in BLOCK_TAGS:
             self.pre_depth = max(0, self.pre_depth - (tag == "pre"))
             self._newlines(2 if tag in PARAGRAPH_TAGS else 1)
-
     def handle_data(self, data):
         if not self.skip_depth:  # in HTML a newline in the source is a space, except inside <pre>
             self.parts.append(data if self.pre_depth else re.sub(r"\s+", " ", data))
 
 def extract_text(page: str) -> str:
-    """Visible text of an HTML page: no scripts, styles, navigation, headers, footers, asides or forms; paragraphs
-    and list items on their own lines; entities decoded; runs of spaces and blank lines collapsed."""
+    """Visible text of an HTML page: boilerplate elements dropped, blocks on their own lines, entities decoded."""
     parser = _TextExtractor()
     parser.feed(page)
     parser.close()
@@ -96,24 +88,19 @@ C4_BOILERPLATE = re.compile(r"javascript|terms of use|privacy policy|cookie poli
 
 def gopher_quality(text: str) -> list[str]:
     words, lines = text.split(), [line.strip() for line in text.split("\n") if line.strip()]
-    n = len(words)
-    if not 50 <= n <= 100_000:
+    if not 50 <= (n := len(words)) <= 100_000:
         return [f"gopher: {n} words (keep 50-100000)"]
-
-    def share(test, items):
-        return sum(map(test, items)) / max(1, len(items))
-    failed = {
+    failed = {  # shares of lines and of words: 50+ words, so neither list is empty
         "mean word length": not 3 <= sum(map(len, words)) / n <= 10,
         "symbol-to-word ratio": (text.count("#") + text.count("...") + text.count("…")) / n > 0.1,
-        "bullet lines": share(lambda line: line.startswith(("-", "*", "•", "·")), lines) > 0.9,
-        "ellipsis lines": share(lambda line: line.endswith(("...", "…")), lines) > 0.3,
-        "words without letters": share(lambda w: any(c.isalpha() for c in w), words) < 0.8,  # 80 % need a letter
+        "bullet lines": np.mean([line.startswith(("-", "*", "•", "·")) for line in lines]) > 0.9,
+        "ellipsis lines": np.mean([line.endswith(("...", "…")) for line in lines]) > 0.3,
+        "words without letters": np.mean([any(c.isalpha() for c in w) for w in words]) < 0.8,  # 80 % need a letter
         "no stop words": len(GOPHER_STOP_WORDS & {w.lower().strip(".,;:!?") for w in words}) < 2}
     return [f"gopher: {rule}" for rule, bad in failed.items() if bad]
 
 def gopher_repetition(text: str) -> list[str]:
-    """Duplicate lines and paragraphs (their share, their characters' share); the share of characters in the most
-    frequent n-gram (n = 2..4) and in duplicated n-grams (n = 5..10)."""
+    """Duplicate lines and paragraphs; the characters' share in the top n-gram (n = 2..4), in repeated ones (5..10)."""
     reasons = []
     for unit, items in (("lines", text.split("\n")), ("paragraphs", re.split(r"\n\s*\n", text))):
         counts = collections.Counter(x.strip() for x in items if x.strip())
@@ -142,10 +129,9 @@ def gopher_repetition(text: str) -> list[str]:
 def c4_rules(doc: Document) -> list[str]:
     """C4's line rules: keep the lines that end in terminal punctuation, have 3+ words and no javascript or policy
     boilerplate (the document is rewritten); drop it for 'lorem ipsum', a curly brace or fewer than 3 sentences."""
-    if "lorem ipsum" in doc.text.lower():
-        return ["c4: lorem ipsum"]
-    if "{" in doc.text:
-        return ["c4: curly brace"]
+    for marker, reason in (("lorem ipsum", "lorem ipsum"), ("{", "curly brace")):
+        if marker in doc.text.lower():
+            return [f"c4: {reason}"]
     kept = [line for line in map(str.strip, doc.text.split("\n")) if line.endswith(C4_TERMINAL_PUNCTUATION)
             and len(line.split()) >= 3 and not C4_BOILERPLATE.search(line)]
     if len(re.findall(r"[.!?](?:\s|$)", " ".join(kept))) < 3:
@@ -182,38 +168,33 @@ def detect_language(text: str) -> str:
     best = max(hits, key=hits.get)
     return best if letters and hits[best] >= max(2, 0.02 * len(words)) else "unknown"
 
-def quality_check(languages: set[str] | None):
-    """check(doc) -> reasons: code rules for source files; language, Gopher and C4 rules for prose."""
-    def check(doc: Document) -> list[str]:
-        if doc.kind == "code":
-            return code_rules(doc.text)
-        lang = detect_language(doc.text) if languages else None
-        if languages and lang not in languages:
-            return [f"language: {lang}"]
-        return gopher_quality(doc.text) or gopher_repetition(doc.text) or c4_rules(doc)
-    return check
+def quality_check(doc: Document, languages: list[str] | None = None) -> list[str]:
+    """Reasons to drop a document: code rules for source files; language, Gopher and C4 rules for prose."""
+    if doc.kind == "code":
+        return code_rules(doc.text)
+    if languages and (lang := detect_language(doc.text)) not in languages:
+        return [f"language: {lang}"]
+    return gopher_quality(doc.text) or gopher_repetition(doc.text) or c4_rules(doc)
 
 # --- stage 3: model-based filters, trained on a high-quality reference ------------------------------------------------
-DOCSTRING = re.compile(r'"""(.*?)"""', re.S)
-
 @functools.lru_cache(maxsize=1)
-def reference_texts(min_words: int = 20) -> tuple[str, ...]:
-    """High-quality text every Python install carries (our stand-in for CCNet's Wikipedia): the documentation help()
-    shows (pydoc_data.topics) and the standard library's docstrings of 20+ words, test suites left out."""
+def reference_texts(path: str | None = None, min_words: int = 20) -> tuple[str, ...]:
+    """The documents under `path` or, by default, high-quality text every Python install carries (as CCNet used
+    Wikipedia): the documentation help() shows (pydoc_data.topics) and stdlib docstrings of 20+ words, not tests."""
+    if path is not None:
+        return tuple(d.text for d in read_documents([path], collections.Counter(), {}))
     from pydoc_data.topics import topics  # half a megabyte of text: loaded only when a reference is needed
-    texts, lib = list(topics.values()), Path(os.__file__).parent
+    texts, lib, docstring = list(topics.values()), Path(STDLIB), re.compile(r'"""(.*?)"""', re.S)
     for f in sorted(lib.rglob("*.py")):
         if not {"test", "tests", "idle_test", "site-packages", "dist-packages"} & set(f.relative_to(lib).parts):
-            texts += [s for s in DOCSTRING.findall(f.read_text("utf-8", "replace")) if len(s.split()) >= min_words]
+            texts += [s for s in docstring.findall(f.read_text("utf-8", "replace")) if len(s.split()) >= min_words]
     return tuple(texts)
 
 class CharNgramLM:
     """A byte n-gram language model with add-k smoothing, the cheap cousin of CCNet's KenLM filter: text unlike its
     training text (boilerplate, keyword lists, mangled encodings) gets a high perplexity."""
-
     def __init__(self, order: int = 3, k: float = 0.01):
         self.order, self.k = order, k
-
     def _indices(self, text: str) -> np.ndarray:
         """Every (context bytes, next byte) of the text as one integer."""
         b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
@@ -221,13 +202,11 @@ class CharNgramLM:
         for j in range(self.order if len(idx) else 0):
             idx = (idx << 8) | b[j: len(b) - self.order + 1 + j]
         return idx
-
     def fit(self, texts) -> "CharNgramLM":
         idx = np.concatenate([self._indices(t) for t in texts] + [np.zeros(0, dtype=np.int64)])
         self.counts = np.bincount(idx, minlength=1 << (8 * self.order))
         self.context_counts = self.counts.reshape(-1, 256).sum(axis=1)
         return self
-
     def perplexity(self, text: str) -> float:
         idx = self._indices(text)
         p = (self.counts[idx] + self.k) / (self.context_counts[idx >> 8] + 256 * self.k)
@@ -243,29 +222,22 @@ def perplexity_filter(docs: list[Document], reference: list[str], quantile: floa
     kept = [d for d in docs if d.kind == "code" or d.scores["perplexity"] <= cut]
     return kept, f"perplexity > {cut:.1f} (q{quantile:g} of the reference)"
 
-class QualityClassifier(torch.nn.Module):
+class QualityClassifier(torch.nn.Linear):
     """fastText-style (Joulin et al. 2017): a text is the bag of its word and word-bigram features, hashed into
-    `buckets` and averaged, and one linear layer gives the logit of P(high quality)."""
-
+    `buckets` and averaged, and one linear layer (this module) gives the logit of P(high quality)."""
     def __init__(self, buckets: int = 1 << 14):
-        super().__init__()
-        self.buckets = buckets
-        self.linear = torch.nn.Linear(buckets, 1)
-
+        super().__init__(buckets, 1)
     def features(self, texts: list[str]) -> torch.Tensor:
         """(n_texts, buckets): the share of each text's features that falls into each bucket."""
-        x = np.zeros((len(texts), self.buckets), dtype=np.float32)
+        x = np.zeros((len(texts), self.in_features), dtype=np.float32)
         for i, t in enumerate(texts):
             w = word_hashes(t)
-            with np.errstate(over="ignore"):
-                bigrams = w[:-1] * np.uint64(1_000_003) + w[1:] + np.uint64(1)
-            ids = (np.concatenate([w, bigrams]) % np.uint64(self.buckets)).astype(np.int64)
-            x[i] = np.bincount(ids, minlength=self.buckets) / max(1, len(ids))
+            bigrams = w[:-1] * np.uint64(1_000_003) + w[1:] + np.uint64(1)  # array products wrap silently
+            ids = (np.concatenate([w, bigrams]) % np.uint64(self.in_features)).astype(np.int64)
+            x[i] = np.bincount(ids, minlength=self.in_features) / max(1, len(ids))
         return torch.from_numpy(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x).squeeze(1)  # (n_texts,) logits
-
+        return super().forward(x).squeeze(1)  # (n_texts,) logits
     @torch.no_grad()
     def score(self, texts: list[str], batch: int = 256) -> np.ndarray:
         """P(high quality) of each text (a few hundred at a time: the features are dense)."""
@@ -277,28 +249,24 @@ def chunks(texts, words: int = 100) -> list[str]:
     split = [t.split() for t in texts]
     return [" ".join(w[i:i + words]) for w in split for i in range(0, len(w), words) if len(w[i:i + words]) >= 20]
 
-def train_classifier(good: list[str], bad: list[str], steps: int = 30,
-                     seed: int = 0) -> tuple[QualityClassifier, float]:
+def train_classifier(good: list[str], bad: list[str], steps=30, seed=0) -> tuple[QualityClassifier, float]:
     """Train on 80 % of good (label 1) and bad (label 0) texts, full batch; return the model and held-out accuracy."""
     torch.manual_seed(seed)
     n = min(len(good), len(bad))  # balanced classes, so 0.5 is the threshold of a model that knows nothing
     texts, labels = good[:n] + bad[:n], torch.tensor([1.0] * n + [0.0] * n)
-    order = torch.randperm(2 * n)
-    train, test = order[: int(1.6 * n)], order[int(1.6 * n):]
+    train, test = torch.randperm(2 * n).tensor_split([int(1.6 * n)])  # 80 % to learn from, 20 % held out
     model = QualityClassifier()
     x = model.features([texts[i] for i in train])
     opt = torch.optim.Adam(model.parameters(), lr=0.2)
     for _ in range(steps):
         opt.zero_grad()
-        F.binary_cross_entropy_with_logits(model(x), labels[train]).backward()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x), labels[train]).backward()
         opt.step()
-    predicted = model.score([texts[i] for i in test]) >= 0.5
-    return model, float((predicted == labels[test].numpy().astype(bool)).mean())
+    return model, float(((model.score([texts[i] for i in test]) >= 0.5) == labels[test].numpy()).mean())
 
 def classifier_filter(docs: list[Document], reference: list[str], threshold: float, seed: int = 0,
                       samples: int = 1000) -> tuple[list[Document], str]:
-    """Train the classifier on reference text against random corpus documents, score every document, and drop the
-    prose below the threshold (source files, as above, are left to the code rules)."""
+    """Train on reference text against samples of the corpus, score every document, drop the prose below threshold."""
     rng = random.Random(seed)
     good, bad = chunks(reference), chunks(d.text for d in rng.sample(docs, min(samples, len(docs))))
     if min(len(good), len(bad)) < 5:
@@ -344,33 +312,30 @@ def scrub_pii(text: str) -> tuple[str, collections.Counter]:
 
 def blocklist_check(words: list[str], max_share: float):
     pattern = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.I)
-
     def check(doc: Document) -> list[str]:
         hits = len(pattern.findall(doc.text))
         return [f"blocklist: {hits} hits"] if hits and hits / max(1, len(doc.text.split())) > max_share else []
     return check
 
 # --- stage 5: exact dedup ---------------------------------------------------------------------------------------------
-def normalise(text: str) -> str:
-    """What two copies of one document still share: Unicode NFKC, case folded, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
 def exact_dedup(docs: list[Document]) -> tuple[list[Document], list[int]]:
     """Keep the first of each normalised text; also return, per document, the index of the one it copies."""
-    first = {}
-    owner = [first.setdefault(hashlib.sha1(normalise(d.text).encode("utf-8")).digest(), i) for i, d in enumerate(docs)]
+    first = {}  # the normal form is what two copies of one document still share: NFKC, case folded, spaces collapsed
+    keys = (" ".join(unicodedata.normalize("NFKC", d.text).casefold().split()).encode("utf-8") for d in docs)
+    owner = [first.setdefault(hashlib.sha1(key).digest(), i) for i, key in enumerate(keys)]
     return [d for i, d in enumerate(docs) if owner[i] == i], owner
 
 # --- stage 6: fuzzy dedup with MinHash and LSH ------------------------------------------------------------------------
 MERSENNE_PRIME = (1 << 61) - 1
 MAX_HASH = (1 << 32) - 1
+_P = np.uint64(0x100000001B3)  # FNV's 64-bit prime; odd, so invertible modulo 2^64: the word hash's base
+_P_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
+_POWERS: dict[str, np.ndarray] = {}  # P^(i+1) and P^-(i+1), computed once for the longest text so far
 
 def shingles(text: str, ngram: int = 5) -> list[str]:
     """Word n-grams (lower-cased, split on whitespace); a text shorter than n words is one shingle."""
-    words = text.lower().split()
-    if len(words) <= ngram:
-        return [" ".join(words)] if words else []
-    return [" ".join(words[i:i + ngram]) for i in range(len(words) - ngram + 1)]
+    words = text.lower().split()  # max(1, ...): n words or fewer make the one window from the first word
+    return [" ".join(words[i:i + ngram]) for i in range(max(1, len(words) - ngram + 1))] if words else []
 
 def permutation_params(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(a, b) of num_perm permutations h -> (a·h + b) mod (2^61 - 1), drawn as datasketch draws them."""
@@ -393,10 +358,6 @@ def minhash(shingle_set: set[str], num_perm: int = 128, seed: int = 1) -> np.nda
     return sig
     # END SOLUTION
 
-_P = np.uint64(0x100000001B3)  # FNV's 64-bit prime; odd, so invertible modulo 2^64
-_P_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
-_POWERS: dict[str, np.ndarray] = {}  # P^(i+1) and P^-(i+1), computed once for the longest text so far
-
 def word_hashes(text: str) -> np.ndarray:
     """A 32-bit hash of every word, all words of the text at once: words are runs of non-whitespace bytes (ASCII
     whitespace and case), and word [s, e) hashes to Σ code_i·P^(e-1-i) mod 2^64 (code = byte + 1), read off prefix
@@ -417,12 +378,9 @@ class MinHasher:
     combined, and ONE permutation per shingle instead of num_perm: its value's low bits pick one of num_perm bins,
     the rest is kept, the minimum per bin (one-permutation hashing, Li, Owen and Zhang 2012). Empty bins, in short
     documents, are filled from their neighbours (densification, Shrivastava and Li 2014)."""
-
     def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 1):
         self.num_perm, self.ngram = num_perm, ngram
-        a, b = permutation_params(1, seed)
-        self.a, self.b = a[0], b[0]
-
+        self.a, self.b = (x[0] for x in permutation_params(1, seed))  # the one permutation
     def shingle_hashes(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """32-bit hashes (uint64) of all documents' shingles, repeats included (they cannot change a minimum), and
         each one's document. A text shorter than n words is one shingle: the window from its first word."""
@@ -436,7 +394,6 @@ class MinHasher:
         t = np.arange(len(doc)) - np.repeat(np.cumsum(k) - k, k)  # each word's place in its document
         keep = t >= np.minimum(k, n)[doc] - 1  # windows of n words, and the one window of a shorter document
         return h[np.arange(len(doc)) + (n - 1) * doc][keep] & np.uint64(MAX_HASH), doc[keep]
-
     def signatures(self, texts: list[str]) -> np.ndarray:
         """(n_docs, num_perm) uint64 signatures; a document without shingles gets all MAX_HASH."""
         k, (h, doc) = self.num_perm, self.shingle_hashes(texts)
@@ -445,14 +402,11 @@ class MinHasher:
         bin_, val = v % np.uint64(k), (v // np.uint64(k)) & np.uint64(MAX_HASH)
         np.minimum.at(out.reshape(-1), doc * k + bin_.astype(np.int64), val)  # the minimum per (doc, bin)
         for row in np.flatnonzero((out == MAX_HASH).any(axis=1) & (np.bincount(doc, minlength=len(texts)) > 0)):
-            self.densify(out[row])
+            # rotation densification: an empty bin takes the value of the next filled bin to its right, circularly,
+            # so two documents fill a bin alike exactly when they agree nearby
+            filled = np.flatnonzero(out[row] != MAX_HASH)
+            out[row] = out[row, filled[np.searchsorted(filled, np.arange(k)) % len(filled)]]
         return out
-
-    def densify(self, sig: np.ndarray) -> None:
-        """Fill the empty bins of one signature in place: each takes the value of the next filled bin to its right,
-        circularly (rotation densification), so two documents fill a bin alike exactly when they agree nearby."""
-        filled = np.flatnonzero(sig != MAX_HASH)
-        sig[:] = sig[filled[np.searchsorted(filled, np.arange(len(sig))) % len(filled)]]
 
 def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     return float(np.mean(sig_a == sig_b))
@@ -479,9 +433,8 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """(n_docs, bands) 64-bit bucket keys: the rows of band i hashed together, seeded with the band number."""
     banded = sigs[:, : bands * rows].reshape(len(sigs), bands, rows)  # (n_docs, bands, rows)
     keys = np.tile(np.arange(1, bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15), (len(sigs), 1))
-    with np.errstate(over="ignore"):
-        for j in range(rows):
-            keys = (keys ^ banded[:, :, j]) * np.uint64(0x100000001B3)
+    for j in range(rows):  # array products wrap mod 2^64 silently
+        keys = (keys ^ banded[:, :, j]) * np.uint64(0x100000001B3)
     return keys
 
 def candidate_pairs(keys: np.ndarray, doc_ids: np.ndarray) -> set[tuple[int, int]]:
@@ -501,32 +454,22 @@ def candidate_pairs(keys: np.ndarray, doc_ids: np.ndarray) -> set[tuple[int, int
     a, b = (doc_ids[np.concatenate(x)] for x in zip(*found))  # found has one entry per band at least
     return set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
 
-class UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, x: int) -> int:
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)  # the smaller index is the root: the first document is kept
-
 def clusters_from_pairs(n: int, pairs, sigs: np.ndarray | None, threshold: float) -> tuple[np.ndarray, list[list[int]]]:
-    uf, pairs = UnionFind(n), np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+    """Union-find over the pairs whose signatures agree on at least `threshold` of their values (all if sigs=None)."""
+    parent, pairs = list(range(n)), np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]  # path halving: each node visited skips to its grandparent
+            x = parent[x]
+        return x
     agree = (sigs[pairs[:, 0]] == sigs[pairs[:, 1]]).mean(axis=1) if sigs is not None else np.ones(len(pairs))
     for a, b in pairs[agree >= threshold].tolist():  # agree: estimated_jaccard of every pair at once
-        uf.union(a, b)
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)  # the smaller index is the root: the first document is kept
     groups = collections.defaultdict(list)
     for i in range(n):
-        groups[uf.find(i)].append(i)
-    keep = np.zeros(n, dtype=bool)
-    keep[[min(g) for g in groups.values()]] = True
-    return keep, [g for g in groups.values() if len(g) > 1]
+        groups[find(i)].append(i)
+    return np.array([i in groups for i in range(n)], dtype=bool), [g for g in groups.values() if len(g) > 1]
 
 def fuzzy_dedup(texts: list[str], threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, verify: bool = True,
                 seed: int = 1, group=None, fn_weight: float = 0.9) -> tuple[np.ndarray, list[list[int]]]:
@@ -561,39 +504,39 @@ class Document:
 
 StageReport = collections.namedtuple("StageReport", "stage docs_in docs_out mb_out seconds reasons")  # a funnel row
 TEXT_SUFFIXES = {".html", ".htm", ".txt", ".md", ".py", ".jsonl"}
+STDLIB = str(Path(os.__file__).parent)  # the default corpus: real documents with real duplicates (vendored copies)
+STAGES = ("quality", "perplexity", "classifier", "pii", "blocklist", "exact", "fuzzy")
 
 def read_documents(inputs: list[str], problems: collections.Counter, examples: dict) -> list[Document]:
     """Every readable document under the inputs (third-party site-packages left out). Binary files, bad UTF-8 and
     malformed JSONL lines are counted in `problems` (an example location in `examples`), never dropped silently."""
-    files = []
+    docs = []
     for p in map(Path, inputs):
-        files += [p] if p.is_file() else sorted(  # third-party packages are not part of a folder's documents
+        files = [p] if p.is_file() else sorted(
             f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES
             and not {"site-packages", "dist-packages"} & set(f.relative_to(p).parts))
-    docs = []
-    for f in files:
-        for where, text, why in read_file(f):
-            if why:
-                problems[why] += 1
-                examples.setdefault(why, where)
-            else:
-                docs.append(Document(f"doc{len(docs):07d}", where, text, "code" if f.suffix == ".py" else "prose"))
+        for f in files:
+            for where, text, why in read_file(f):
+                if why:
+                    problems[why] += 1
+                    examples.setdefault(why, where)
+                else:
+                    docs.append(Document(f"doc{len(docs):07d}", where, text, "code" if f.suffix == ".py" else "prose"))
     return docs
 
 def read_file(f: Path) -> list[tuple[str, str, str | None]]:
     """(where, text, problem or None) for each document of one file: a JSONL line is a document, a file otherwise."""
     try:
         raw = f.read_bytes()
+        if b"\x00" in raw[:8192]:
+            return [(str(f), "", "binary file")]
+        if f.suffix != ".jsonl":
+            text = raw.decode("utf-8")
+            return [(str(f), extract_text(text) if f.suffix in (".html", ".htm") else text, None)]
     except OSError as e:
         return [(f"{f}: {e.strerror}", "", "unreadable file")]
-    if b"\x00" in raw[:8192]:
-        return [(str(f), "", "binary file")]
-    if f.suffix != ".jsonl":
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            return [(f"{f} (byte {e.start})", "", "bad utf-8")]
-        return [(str(f), extract_text(text) if f.suffix in (".html", ".htm") else text, None)]
+    except UnicodeDecodeError as e:
+        return [(f"{f} (byte {e.start})", "", "bad utf-8")]
     out = []
     for i, line in enumerate(raw.split(b"\n"), 1):
         if line.strip():
@@ -605,61 +548,42 @@ def read_file(f: Path) -> list[tuple[str, str, str | None]]:
             out.append((f"{f}:{i}", "" if why else text, why))
     return out
 
-def default_inputs() -> list[str]:
-    """Python's standard library source tree: real documents with real duplicates (vendored copies, tests)."""
-    return [str(Path(os.__file__).parent)]
-
 def mb(docs: list[Document]) -> float:
     return sum(len(d.text.encode("utf-8")) for d in docs) / 1e6
 
-def filter_each(stage: str, docs: list[Document], check) -> tuple[list[Document], collections.Counter]:
-    """Apply check(doc) -> reasons (empty: keep; it may rewrite doc.text) to each document, with progress."""
-    kept, reasons = [], collections.Counter()
-    for i, d in enumerate(docs, 1):
-        why = check(d)
-        reasons.update(why)
-        kept += [] if why else [d]
-        if sys.stderr.isatty() and (i % 500 == 0 or i == len(docs)):  # progress, on a terminal only
-            sys.stderr.write(f"\r{stage:<10} {i}/{len(docs)} docs" + ("\n" if i == len(docs) else ""))
-    return kept, reasons
+def filter_each(docs: list[Document], check) -> tuple[list[Document], collections.Counter]:
+    """Apply check(doc) -> reasons (empty: keep; it may rewrite doc.text) to each document; count the reasons."""
+    verdicts = [check(d) for d in docs]
+    return [d for d, why in zip(docs, verdicts) if not why], collections.Counter(r for why in verdicts for r in why)
 
-STAGES = ("quality", "perplexity", "classifier", "pii", "blocklist", "exact", "fuzzy")
-
-def run_pipeline(inputs: list[str], skip=(), languages=None, reference: str | None = None, ppl_quantile: float = 0.99,
-                 classifier_threshold: float = 0.5, blocklist: list[str] | None = None, blocklist_share: float = 0.01,
-                 threshold: float = 0.8, num_perm: int = 128, ngram: int = 5,
-                 ) -> tuple[list[Document], list[StageReport], dict]:
-    """Read, then each stage in turn; returns the surviving documents, the funnel and the problems' examples."""
-    problems, examples, t0 = collections.Counter(), {}, time.perf_counter()
-    docs = read_documents(inputs, problems, examples)
-    report = [StageReport("read", len(docs) + problems.total(), len(docs), mb(docs), time.perf_counter() - t0,
-                          problems)]
-
-    def ref() -> list[str]:  # read only if a model filter runs
-        return list(reference_texts()) if reference is None else \
-            [d.text for d in read_documents([reference], collections.Counter(), {})]
-    pii = collections.Counter()
-
+def run_pipeline(args: argparse.Namespace) -> tuple[list[Document], list[StageReport], dict]:
+    """Read args.inputs, then run each stage (args: make_parser()'s flags); the survivors, the funnel, examples."""
+    problems, examples, t = collections.Counter(), {}, time.perf_counter()
+    docs = read_documents(args.inputs, problems, examples)
+    report = [StageReport("read", len(docs) + problems.total(), len(docs), mb(docs), time.perf_counter() - t, problems)]
+    blocklist = args.blocklist and [w.strip() for w in Path(args.blocklist).read_text("utf-8", "replace").splitlines()
+                                    if w.strip()]  # one word or phrase a line, any case
+    fuzzy, pii = (args.threshold, args.num_perm, args.ngram), collections.Counter()
     def scrub(doc: Document) -> list[str]:  # PII is rewritten, not removed: the row counts the replacements
         doc.text, found = scrub_pii(doc.text)
         pii.update({f"replaced {k}": v for k, v in found.items()})
         return []
     stages = {  # survivors of the stage before -> (kept, reasons), or one reason for all it dropped
-        "quality": lambda d: filter_each("quality", d, quality_check(set(languages) if languages else None)),
-        "perplexity": lambda d: perplexity_filter(d, ref(), ppl_quantile),
-        "classifier": lambda d: classifier_filter(d, ref(), classifier_threshold),
-        "pii": lambda d: (filter_each("pii", d, scrub)[0], pii),
-        "blocklist": lambda d: filter_each("blocklist", d, blocklist_check(blocklist, blocklist_share)),
+        "quality": lambda d: filter_each(d, lambda doc: quality_check(doc, args.languages)),
+        "perplexity": lambda d: perplexity_filter(d, reference_texts(args.reference), args.ppl_quantile),
+        "classifier": lambda d: classifier_filter(d, reference_texts(args.reference), args.classifier_threshold),
+        "pii": lambda d: (filter_each(d, scrub)[0], pii),
+        "blocklist": lambda d: filter_each(d, blocklist_check(blocklist, args.blocklist_share)),
         "exact": lambda d: (exact_dedup(d)[0], "exact duplicate"),
-        "fuzzy": lambda d: ([x for x, keep in zip(d, fuzzy_dedup([x.text for x in d], threshold, num_perm, ngram)[0])
-                             if keep], f"near-duplicate (Jaccard >= {threshold})")}
+        "fuzzy": lambda d: ([x for x, keep in zip(d, fuzzy_dedup([x.text for x in d], *fuzzy)[0]) if keep],
+                            f"near-duplicate (Jaccard >= {args.threshold})")}
     for name in STAGES:
-        if name not in skip and docs and (name != "blocklist" or blocklist):
-            t0 = time.perf_counter()
+        if name not in args.skip and docs and (name != "blocklist" or blocklist):
+            t = time.perf_counter()
             kept, why = stages[name](docs)
             if isinstance(why, str):  # counted even when 0 are dropped: the reason may carry a measurement
                 why = collections.Counter({why: len(docs) - len(kept)})
-            report.append(StageReport(name, len(docs), len(kept), mb(kept), time.perf_counter() - t0, why))
+            report.append(StageReport(name, len(docs), len(kept), mb(kept), time.perf_counter() - t, why))
             docs = kept
     return docs, report, examples
 
@@ -679,18 +603,18 @@ def write_output(docs: list[Document], report: list[StageReport], examples: dict
     with open(output, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps({"id": d.id, "source": d.source, "text": d.text, **d.scores}, ensure_ascii=False) + "\n")
-    stats = {"stages": [r._asdict() for r in report], "examples": examples}
-    Path(output).with_name("stats.json").write_text(json.dumps(stats, indent=1))
-    print(f"wrote {len(docs)} documents to {output} and the funnel to {Path(output).with_name('stats.json')}")
+    stats = Path(output).with_name("stats.json")
+    stats.write_text(json.dumps({"stages": [r._asdict() for r in report], "examples": examples}, indent=1))
+    print(f"wrote {len(docs)} documents to {output} and the funnel to {stats}")
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("inputs", nargs="*", help="files or folders (.html .htm .txt .md .py .jsonl); default: the stdlib")
+    add("inputs", nargs="*", default=[STDLIB], help="files, folders (.html .htm .txt .md .py .jsonl); default: stdlib")
     add("--output", default="clean.jsonl", help="where the clean documents go (JSONL), with stats.json beside it")
     add("--skip", action="append", default=[], choices=STAGES, help="switch a stage off (repeatable)")
-    add("--languages", help="keep prose in these languages, e.g. en,zh")
+    add("--languages", type=lambda s: s.split(","), help="keep prose in these languages, e.g. en,zh")
     add("--reference", help="high-quality text the model filters learn from (default: Python's docs and docstrings)")
     add("--ppl-quantile", type=float, default=0.99, help="drop prose above this quantile of the reference's perplexity")
     add("--classifier-threshold", type=float, default=0.5,
@@ -706,7 +630,6 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> tuple[list[Document], list[StageReport]]:
     parser = make_parser()
     args = parser.parse_args(argv)
-    inputs = args.inputs or default_inputs()
     for bad, flag, fix in [
             (not 0 < args.threshold < 1, "threshold", "must lie strictly between 0 and 1 (try 0.8)"),
             (args.num_perm < 16, "num_perm", "too few permutations to band (try 128)"),
@@ -717,16 +640,12 @@ def main(argv: list[str] | None = None) -> tuple[list[Document], list[StageRepor
             (args.blocklist and not Path(args.blocklist).is_file(), "blocklist", "no such file")]:
         if bad:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {fix}")
-    for path in inputs + ([args.reference] if args.reference else []):
+    for path in args.inputs + ([args.reference] if args.reference else []):
         if not Path(path).exists():
             parser.error(f"input {path}: no such file or folder")
-    blocklist = args.blocklist and [w.strip().lower() for w in Path(args.blocklist).read_text("utf-8", "replace")
-                                    .splitlines() if w.strip()]
     rank, _, _ = setup_distributed("cpu")
     try:
-        docs, report, examples = run_pipeline(
-            inputs, args.skip, args.languages and args.languages.split(","), args.reference, args.ppl_quantile,
-            args.classifier_threshold, blocklist, args.blocklist_share, args.threshold, args.num_perm, args.ngram)
+        docs, report, examples = run_pipeline(args)
         if rank == 0:
             print_funnel(report, examples)
             write_output(docs, report, examples, args.output)

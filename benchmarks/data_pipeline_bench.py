@@ -35,12 +35,8 @@ def datasketch_dedup(texts, threshold, num_perm, ngram):
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     for i, m in enumerate(hashes):
         lsh.insert(i, m)
-    uf = dp.UnionFind(len(texts))
-    for i, m in enumerate(hashes):
-        for j in lsh.query(m):
-            if j != i:
-                uf.union(i, j)
-    keep = np.array([uf.find(i) == i for i in range(len(texts))])
+    pairs = {(min(i, j), max(i, j)) for i, m in enumerate(hashes) for j in lsh.query(m) if j != i}
+    keep, _ = dp.clusters_from_pairs(len(texts), pairs, None, threshold)  # no verification: datasketch has none
     return keep, t_sig, time.perf_counter() - t0
 
 
@@ -49,16 +45,17 @@ def quality(texts, keep, threshold, ngram, margin=0.05):
     document must go. Documents with a pair within ±margin of the threshold count neither way."""
     sets = [set(dp.shingles(t, ngram)) for t in texts]
     n = len(texts)
-    uf, unclear = dp.UnionFind(n), set()
+    linked, unclear = set(), set()
     for i in range(n):
         for j in range(i + 1, n):
             v = len(sets[i] & sets[j]) / max(1, len(sets[i] | sets[j]))
             if v >= threshold:
-                uf.union(i, j)
+                linked.add((i, j))
             if abs(v - threshold) <= margin:
                 unclear.update((i, j))
+    first, _ = dp.clusters_from_pairs(n, linked, None, threshold)  # every linked pair joined: the connected groups
     decided = [i for i in range(n) if i not in unclear]
-    truth = {i for i in decided if uf.find(i) != i}
+    truth = {i for i in decided if not first[i]}
     removed = {i for i in decided if not keep[i]}
     recall = len(removed & truth) / len(truth) if truth else float("nan")
     precision = len(removed & truth) / len(removed) if removed else float("nan")
@@ -122,7 +119,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: time each dedup at least once (try --repeats 3)")
-    docs = dp.read_documents(dp.default_inputs(), collections.Counter(), {})
+    docs = dp.read_documents([dp.STDLIB], collections.Counter(), {})
     texts = [d.text for d in docs if d.text.strip()]
     mb = sum(len(t.encode()) for t in texts) / 1e6
     print(f"{len(texts)} documents, {mb:.1f} MB (Python's standard library); threshold {args.threshold}, "
