@@ -203,13 +203,13 @@ def main(argv=None) -> None:
     make.add_argument("dir", help="where to write it (must not exist yet, or be empty)")
     grading = sub.add_parser("grade", help="grade a copy of the repository")
     grading.add_argument("dir", help="the copy to grade ('.' grades the reference)")
-    grading.add_argument("--only", help="comma-separated exercise ids")
+    grading.add_argument("--only", action="append", help="exercise ids, comma-separated or the flag repeated")
     grading.add_argument("--json", metavar="FILE", help="write the scores as JSON")
     checking = sub.add_parser("check", help="prove that the tests grade every exercise (stub 0, reference full, "
                               "mutants less)")
-    checking.add_argument("--only", help="comma-separated exercise ids")
+    checking.add_argument("--only", action="append", help="exercise ids, comma-separated or the flag repeated")
     args = parser.parse_args(argv)
-    only = args.only.split(",") if getattr(args, "only", None) else None
+    only = ",".join(args.only).split(",") if getattr(args, "only", None) else None
     unknown = sorted(set(only or []) - {e.id for e in EXERCISES})
     if unknown:
         parser.error(f"--only {unknown[0]}: no such exercise (python -m classroom list)")
