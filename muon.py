@@ -81,7 +81,7 @@ def default_ns_dtype(device) -> torch.dtype:
 def newton_schulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype=None) -> torch.Tensor:
     """Approximately U·Vᵀ for G = U·Σ·Vᵀ: every singular value pushed towards 1, singular vectors kept.
 
-    X ← a·X + b·(XXᵀ)X + c·(XXᵀ)²X applies the odd polynomial p(σ) = aσ + bσ³ + cσ⁵ to each singular value.
+    X ← aX + b(XXᵀ)X + c(XXᵀ)²X applies the odd polynomial p(σ) = aσ + bσ³ + cσ⁵ to each singular value.
     Dividing by the Frobenius norm first puts every σ in (0, 1]; five steps map them into roughly [0.7, 1.2]."""
     if G.ndim != 2:
         raise ValueError(f"newton_schulz5 takes a matrix, got shape {tuple(G.shape)}")
@@ -191,6 +191,14 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
+def gather_bytes_per_step(params: list[torch.Tensor], n: int, itemsize: int) -> tuple[int, int]:
+    """The formula for distributed Muon's traffic from each rank per step: (calls, bytes) = Σ over groups of equal
+    numel of ⌈k/N⌉ all-gathers, each sending one matrix of numel elements."""
+    sizes = collections.Counter(p.numel() for p in params)  # {numel: k}
+    calls = sum(math.ceil(k / n) for k in sizes.values())
+    return calls, sum(math.ceil(k / n) * numel * itemsize for numel, k in sizes.items())
+
+
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Hidden matrices (attention q, k, v, o and the MLP, inside the blocks) to Muon; embeddings, the output head,
     norms and biases to AdamW. An embedding is a lookup table, not a linear map, so orthogonalising it means nothing."""
@@ -229,33 +237,36 @@ class MuonWithAdamW:
         self.adamw.zero_grad(set_to_none)
 
 
+def train_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
+    """One data-parallel step on this rank's slice (x, y) of the batch. The optimizers here, distributed Muon
+    included, expect gradients already averaged over the N ranks: the all-reduce comes before opt.step().
+    Returns the whole batch's loss (the mean of the ranks' losses), the same on every rank."""
+    loss = model(x, y)
+    loss.backward()
+    logged = loss.detach().clone()  # on the run's device, so that NCCL can reduce it
+    if n > 1:  # each rank saw a slice: average the gradients, and the logged loss, over the ranks
+        for t in [logged] + [p.grad for p in model.parameters()]:
+            dist.all_reduce(t)
+            t /= n
+    opt.step()
+    opt.zero_grad()
+    return logged
+
+
 # --- demo --------------------------------------------------------------
 
-# Learning rates picked by benchmarks/muon_bench.py's sweep on this model and corpus (see the README's table).
-# (muon_adamw is the AdamW half of Muon+AdamW, for embeddings, head, norms and biases: not swept.)
+# From benchmarks/muon_bench.py's learning-rate sweep (the README's table); muon_adamw (AdamW's half of Muon) not swept.
 BEST_LR = {"adamw": 1e-2, "muon": 0.05, "muon_adamw": 3e-3}
 # --lr-transfer's grid (factors of 2): around the best at d = 64 (0.05), and for moonlight around AdamW's (1e-2).
 LR_GRID = {"none": (0.0125, 0.025, 0.05, 0.1, 0.2), "moonlight": (0.0025, 0.005, 0.01, 0.02, 0.04)}
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float | None = None, scale: str = "keller",
-                   distributed: bool = False):
-    """Our AdamW on every parameter, or Muon on the hidden matrices with AdamW on the rest."""
-    if name == "adamw":
-        return AdamW(model.parameters(), lr=lr or BEST_LR["adamw"], betas=(0.9, 0.95), weight_decay=0.0)
-    if name == "muon":
-        return MuonWithAdamW(model, lr=lr or BEST_LR["muon"], adamw_lr=BEST_LR["muon_adamw"], scale=scale,
-                             distributed=distributed)
-    raise ValueError(f"unknown optimizer {name!r}: choose muon or adamw")
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, val: torch.Tensor, cfg: GPTConfig, batches: int = 4, per_batch: int = 16,
-             device="cpu") -> float:
+def evaluate(model: TinyGPT, val: torch.Tensor, batches: int = 4, per_batch: int = 16, device="cpu") -> float:
     """Mean loss on fixed held-out batches (the same on every rank and in every run)."""
     model.eval()
-    losses = [model(*(t.to(device) for t in get_batch(val, per_batch, cfg.seq_len, torch.Generator().manual_seed(99 + b))))
-              for b in range(batches)]
+    held = (get_batch(val, per_batch, model.cfg.seq_len, torch.Generator().manual_seed(99 + b)) for b in range(batches))
+    losses = [model(x.to(device), y.to(device)) for x, y in held]
     model.train()
     return torch.stack(losses).mean().item()
 
@@ -263,50 +274,39 @@ def evaluate(model: nn.Module, val: torch.Tensor, cfg: GPTConfig, batches: int =
 def train(optimizer: str = "muon", steps: int = 100, lr: float | None = None, scale: str = "keller",
           cfg: GPTConfig | None = None, batch_size: int = 16, data=None, device="cpu", seed: int = 0,
           log_every: int = 0, warmup: int = 10) -> dict:
-    """Train TinyGPT with one optimizer. Under torchrun: data parallel (each rank a slice of the batch, gradients
-    averaged), and Muon divides its Newton-Schulz work over the ranks. Returns losses, validation loss, timings."""
+    """Train TinyGPT with one optimizer; under torchrun each rank takes its slice of every batch (train_step).
+    Returns the training losses, the validation loss, the median ms per step and Newton-Schulz's share of it."""
     cfg = cfg or GPTConfig()
     rank, n = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     data = load_text() if data is None else data
-    cut = int(len(data) * 0.9)
-    train_data, val_data = data[:cut], data[cut:]
+    train_data, val_data = data.tensor_split([int(len(data) * 0.9)])  # views: the first 90 %, the last 10 %
     torch.manual_seed(seed)
     model = TinyGPT(cfg).to(device)
-    opt = make_optimizer(optimizer, model, lr, scale, distributed=n > 1)
+    if optimizer == "adamw":  # our AdamW on every parameter
+        opt = AdamW(model.parameters(), lr=lr or BEST_LR["adamw"], betas=(0.9, 0.95), weight_decay=0.0)
+    elif optimizer == "muon":  # Muon on the hidden matrices, AdamW on the rest
+        opt = MuonWithAdamW(model, lr=lr or BEST_LR["muon"], adamw_lr=BEST_LR["muon_adamw"], scale=scale,
+                            distributed=n > 1)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}: choose muon or adamw")
     base = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(seed)
     losses, times = [], []
+    mine = slice(rank * (batch_size // n), (rank + 1) * (batch_size // n))  # this rank's rows of every batch
     for step in range(steps):
         for g, lr0 in zip(opt.param_groups, base):  # linear warm-up, then linear decay to 0
             g["lr"] = lr0 * min((step + 1) / warmup, (steps - step) / max(1, steps - warmup))
-        x, y = get_batch(train_data, batch_size, cfg.seq_len, gen)  # the same (B, T) batch on every rank
-        per = batch_size // n
-        x, y = x[rank * per:(rank + 1) * per].to(device), y[rank * per:(rank + 1) * per].to(device)
+        batch = get_batch(train_data, batch_size, cfg.seq_len, gen)  # the same (B, T) batch on every rank
+        x, y = (t[mine].to(device) for t in batch)
         t0 = now(device)
-        loss = model(x, y)
-        loss.backward()
-        logged = loss.detach().clone()  # on the run's device, so that NCCL can reduce it
-        if n > 1:  # each rank saw a slice: average the gradients, and the logged loss, over the ranks
-            for t in [logged] + [p.grad for p in model.parameters()]:
-                dist.all_reduce(t)
-                t /= n
-        opt.step()
-        opt.zero_grad()
-        times.append(now(device) - t0)
+        logged = train_step(model, opt, x, y, n)
+        times.append((now(device) - t0) * 1e3)  # ms
         losses.append(logged.item())
         if log_every and rank == 0 and (step % log_every == 0 or step == steps - 1):
-            print(f"{optimizer} | step {step + 1}/{steps} | loss {losses[-1]:.3f} | {times[-1] * 1e3:.0f} ms", flush=True)
-    ns = opt.muon.ns_seconds if optimizer == "muon" else 0.0
-    return {"optimizer": optimizer, "losses": losses, "val_loss": evaluate(model, val_data, cfg, device=device),
-            "ms_per_step": statistics.median(times) * 1e3, "ns_share": ns / sum(times), "model": model, "opt": opt}
-
-
-def gather_bytes_per_step(params: list[torch.Tensor], n: int, itemsize: int) -> tuple[int, int]:
-    """The formula for distributed Muon's traffic from each rank per step: (calls, bytes) = Σ over groups of equal
-    numel of ⌈k/N⌉ all-gathers, each sending one matrix of numel elements."""
-    sizes = collections.Counter(p.numel() for p in params)  # {numel: k}
-    calls = sum(math.ceil(k / n) for k in sizes.values())
-    return calls, sum(math.ceil(k / n) * numel * itemsize for numel, k in sizes.items())
+            print(f"{optimizer} | step {step + 1}/{steps} | loss {losses[-1]:.3f} | {times[-1]:.0f} ms", flush=True)
+    ns_ms = opt.muon.ns_seconds * 1e3 if optimizer == "muon" else 0.0
+    return {"optimizer": optimizer, "losses": losses, "val_loss": evaluate(model, val_data, device=device),
+            "ms_per_step": statistics.median(times), "ns_share": ns_ms / sum(times), "model": model, "opt": opt}
 
 
 def smooth(xs: list[float], k: int = 10) -> list[float]:
@@ -314,125 +314,113 @@ def smooth(xs: list[float], k: int = 10) -> list[float]:
     return [sum(xs[max(0, i - k + 1): i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(xs))]
 
 
-def compare(steps: int = 150, cfg: GPTConfig | None = None, data=None, device="cpu", every: int = 15) -> dict:
-    """AdamW and Muon+AdamW from the same seed on the same batches; AdamW also runs twice as long, to find how many
-    steps it needs to reach Muon's final loss."""
+def compare(steps: int = 150, cfg: GPTConfig | None = None, data=None, device="cpu", every: int = 15,
+            verbose: bool = False) -> dict:
+    """AdamW vs Muon+AdamW, same seed and batches; a twice-as-long AdamW run counts its steps to Muon's final loss."""
     muon = train("muon", steps, cfg=cfg, data=data, device=device)
     adamw = train("adamw", steps, cfg=cfg, data=data, device=device)
     longer = train("adamw", 2 * steps, cfg=cfg, data=data, device=device)
     target = smooth(muon["losses"])[-1]
     reach = next((i + 1 for i, v in enumerate(smooth(longer["losses"])) if v <= target), None)
+    if verbose:
+        m, a = smooth(muon["losses"]), smooth(adamw["losses"])
+        print(f"{'step':>5} | {'AdamW':>7} | {'Muon+AdamW':>10}   (training loss, mean of the last 10 steps)")
+        for s in range(every - 1, steps, every):
+            print(f"{s + 1:>5} | {a[s]:>7.3f} | {m[s]:>10.3f}")
+        print(f"\nvalidation loss after {steps} steps: AdamW {adamw['val_loss']:.3f} | "
+              f"Muon+AdamW {muon['val_loss']:.3f}")
+        print(f"AdamW needs {reach} steps to reach Muon's final training loss {target:.3f} (Muon: {steps}): "
+              f"{reach / steps:.2f}x the steps; the seed's claim at scale is about 2x" if reach else
+              f"AdamW did not reach Muon's final loss {target:.3f} in {2 * steps} steps (> 2x)")
+        print(f"step time: AdamW {adamw['ms_per_step']:.1f} ms | Muon+AdamW {muon['ms_per_step']:.1f} ms "
+              f"(Newton-Schulz {100 * muon['ns_share']:.1f}% of Muon's step)")
     return {"steps": steps, "every": every, "muon": muon, "adamw": adamw, "adamw_2x": longer, "target": target,
             "adamw_steps_to_target": reach}
 
 
-def print_compare(c: dict) -> None:
-    m, a = smooth(c["muon"]["losses"]), smooth(c["adamw"]["losses"])
-    print(f"{'step':>5} | {'AdamW':>7} | {'Muon+AdamW':>10}   (training loss, mean of the last 10 steps)")
-    for s in range(c["every"] - 1, c["steps"], c["every"]):
-        print(f"{s + 1:>5} | {a[s]:>7.3f} | {m[s]:>10.3f}")
-    print(f"\nvalidation loss after {c['steps']} steps: AdamW {c['adamw']['val_loss']:.3f} | "
-          f"Muon+AdamW {c['muon']['val_loss']:.3f}")
-    reach = c["adamw_steps_to_target"]
-    if reach:
-        print(f"AdamW needs {reach} steps to reach Muon's final training loss {c['target']:.3f} "
-              f"(Muon: {c['steps']}): {reach / c['steps']:.2f}x the steps; the seed's claim at scale is about 2x")
-    else:
-        print(f"AdamW did not reach Muon's final loss {c['target']:.3f} in {2 * c['steps']} steps (> 2x)")
-    print(f"step time: AdamW {c['adamw']['ms_per_step']:.1f} ms | Muon+AdamW {c['muon']['ms_per_step']:.1f} ms "
-          f"(Newton-Schulz {100 * c['muon']['ns_share']:.1f}% of Muon's step)")
-
-
-def ns_check(cfg: GPTConfig | None = None, data=None, device="cpu") -> dict:
-    """Newton-Schulz against the exact UVᵀ from an SVD, on random matrices and on real momentum matrices; also
-    Newton-Schulz's share of a training step and the step's time in ms."""
+def ns_check(cfg: GPTConfig | None = None, data=None, device="cpu", verbose: bool = False) -> dict:
+    """Newton-Schulz against the exact UVᵀ from an SVD, on random matrices and on the momentum of 20 Muon steps."""
     torch.manual_seed(0)
     mats = [(f"random {r}x{c}", torch.randn(r, c)) for r, c in ((128, 512), (512, 128), (256, 256))]
     run = train("muon", 20, cfg=cfg, data=data, device=device)
-    for name, p in list(run["model"].named_parameters()):
-        if p in run["opt"].muon.state and name.startswith("blocks.0"):
-            mats.append((f"momentum {name}", run["opt"].muon.state[p]["momentum_buffer"].float().cpu()))
+    state = run["opt"].muon.state
+    mats += [(f"momentum {name}", state[p]["momentum_buffer"].float().cpu())
+             for name, p in run["model"].named_parameters() if p in state and name.startswith("blocks.0")]
     rows = []
     for name, G in mats:  # the SVD reference in float64 on the CPU; Newton-Schulz on the run's device
         U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
         exact = U @ Vh
         X = newton_schulz5(G.to(device)).double().cpu()
         sv = torch.linalg.svdvals(X)
-        rows.append({"matrix": name, "cond": (S[0] / S[-1]).item(), "sv_min": sv.min().item(), "sv_max": sv.max().item(),
-                     "rel_error": ((X - exact).norm() / exact.norm()).item()})
+        rows.append({"matrix": name, "cond": (S[0] / S[-1]).item(), "sv_min": sv.min().item(),
+                     "sv_max": sv.max().item(), "rel_error": ((X - exact).norm() / exact.norm()).item()})
+    if verbose:
+        print(f"{'matrix':<34} {'cond(G)':>9} {'min σ(NS)':>10} {'max σ(NS)':>10} {'|NS-UVᵀ|/|UVᵀ|':>15}")
+        for r in rows:
+            print("{matrix:<34} {cond:>9.1f} {sv_min:>10.3f} {sv_max:>10.3f} {rel_error:>15.3f}".format(**r))
+        print(f"exact UVᵀ has every σ = 1. Newton-Schulz ({default_ns_dtype(device)}) took "
+              f"{100 * run['ns_share']:.1f}% of a {run['ms_per_step']:.0f} ms training step")
     return {"rows": rows, "ns_share": run["ns_share"], "ms_per_step": run["ms_per_step"],
             "ns_dtype": default_ns_dtype(device)}
-
-
-def print_ns_check(c: dict) -> None:
-    print(f"{'matrix':<34} {'cond(G)':>9} {'min σ(NS)':>10} {'max σ(NS)':>10} {'|NS-UVᵀ|/|UVᵀ|':>15}")
-    for r in c["rows"]:
-        print(f"{r['matrix']:<34} {r['cond']:>9.1f} {r['sv_min']:>10.3f} {r['sv_max']:>10.3f} {r['rel_error']:>15.3f}")
-    print(f"exact UVᵀ has every σ = 1. Newton-Schulz ({c['ns_dtype']}) took {100 * c['ns_share']:.1f}% of "
-          f"a {c['ms_per_step']:.0f} ms training step")
 
 
 def lr_transfer(widths: tuple[int, ...] = (64, 256), scales: tuple[str, ...] = ("none", "moonlight"),
                 steps: int = 60, cfg: GPTConfig | None = None, data=None, device="cpu", grid: dict | None = None,
                 batch_size: int = 16, verbose: bool = False) -> dict:
-    """Sweep Muon's learning rate at each width for each update scale. A scale transfers if the best rate found at
-    one width is the best at the others. Returns {"val_loss": {(scale, d): [loss per lr]}, "best": {(scale, d): lr}}."""
+    """Sweep Muon's learning rate per width and update scale; a scale transfers if one rate is best at every width."""
     cfg, grid = cfg or GPTConfig(), grid or LR_GRID
-    val = {}
-    for scale in scales:
-        for d in widths:
-            val[(scale, d)] = []
-            for lr in grid[scale]:
-                r = train("muon", steps, lr, scale, dataclasses.replace(cfg, d_model=d), batch_size, data, device)
-                val[(scale, d)].append(r["val_loss"])
-                if verbose:
-                    print(f"scale {scale:<9} | d {d:>4} | lr {lr:<7g} | val loss {r['val_loss']:.3f}", flush=True)
+
+    def run(scale: str, d: int, lr: float) -> float:
+        r = train("muon", steps, lr, scale, dataclasses.replace(cfg, d_model=d), batch_size, data, device)
+        if verbose:
+            print(f"scale {scale:<9} | d {d:>4} | lr {lr:<7g} | val loss {r['val_loss']:.3f}", flush=True)
+        return r["val_loss"]
+    val = {(scale, d): [run(scale, d, lr) for lr in grid[scale]] for scale in scales for d in widths}
     best = {k: grid[k[0]][min(range(len(v)), key=v.__getitem__)] for k, v in val.items()}
+    if verbose:
+        print(f"\nvalidation loss after {steps} steps, Muon's learning rate swept (AdamW's half fixed at "
+              f"{BEST_LR['muon_adamw']:g}); * marks the best per width")
+        for scale in scales:
+            print(f"{'scale ' + scale:<16}" + "".join(f"{'d = ' + str(d):>12}" for d in widths))
+            for i, lr in enumerate(grid[scale]):
+                cells = (f"{val[(scale, d)][i]:>11.3f}" + ("*" if best[(scale, d)] == lr else " ") for d in widths)
+                print(f"  lr {lr:<11g}" + "".join(cells))
+            bests = [best[(scale, d)] for d in widths]
+            print(f"  best lr per width: {', '.join(f'd = {d}: {b:g}' for d, b in zip(widths, bests))} -> "
+                  f"{'the same rate' if len(set(bests)) == 1 else 'different rates'} (grid step 2x)")
     return dict(widths=tuple(widths), scales=tuple(scales), grid=grid, steps=steps, val_loss=val, best=best)
 
 
-def print_lr_transfer(t: dict) -> None:
-    print(f"\nvalidation loss after {t['steps']} steps, Muon's learning rate swept (AdamW's half fixed at "
-          f"{BEST_LR['muon_adamw']:g}); * marks the best per width")
-    for scale in t["scales"]:
-        print(f"{'scale ' + scale:<16}" + "".join(f"{'d = ' + str(d):>12}" for d in t["widths"]))
-        for i, lr in enumerate(t["grid"][scale]):
-            print(f"  lr {lr:<11g}" + "".join(f"{t['val_loss'][(scale, d)][i]:>11.3f}"
-                                             + ("*" if t["best"][(scale, d)] == lr else " ") for d in t["widths"]))
-        bests = [t["best"][(scale, d)] for d in t["widths"]]
-        print(f"  best lr per width: {', '.join(f'd = {d}: {b:g}' for d, b in zip(t['widths'], bests))} -> "
-              f"{'the same rate' if len(set(bests)) == 1 else 'different rates'} (grid step 2x)")
-
-
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--compare", action="store_true", help="AdamW vs Muon+AdamW, same seed, data and steps")
-    parser.add_argument("--ns-check", action="store_true", help="Newton-Schulz vs the exact SVD")
-    parser.add_argument("--lr-transfer", action="store_true", help="sweep Muon's lr at each of --widths, scales none, moonlight")
-    parser.add_argument("--widths", default="64,256", help="comma-separated model widths for --lr-transfer")
-    parser.add_argument("--optimizer", choices=["muon", "adamw"], default="muon", help="for a single run")
-    parser.add_argument("--scale", default="keller", help=f"Muon's update scale: {', '.join(SCALES)}")
-    parser.add_argument("--lr", type=float, default=None, help="default: the benchmark's best for the optimizer")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 150; 60 per run for --lr-transfer)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step, split over the ranks")
-    parser.add_argument("--n-layer", type=int, default=2, help="transformer blocks")
-    parser.add_argument("--n-head", type=int, default=4, help="attention heads (must divide --d-model)")
-    parser.add_argument("--d-model", type=int, default=64, help="model width")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens (bytes) per sequence")
-    parser.add_argument("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    add = parser.add_argument
+    add("--compare", action="store_true", help="AdamW vs Muon+AdamW, same seed, data and steps")
+    add("--ns-check", action="store_true", help="Newton-Schulz vs the exact SVD")
+    add("--lr-transfer", action="store_true", help="sweep Muon's lr at each of --widths, scales none, moonlight")
+    add("--widths", default="64,256", help="comma-separated model widths for --lr-transfer")
+    add("--optimizer", choices=["muon", "adamw"], default="muon", help="for a single run")
+    add("--scale", default="keller", help=f"Muon's update scale: {', '.join(SCALES)}")
+    add("--lr", type=float, default=None, help="default: the benchmark's best for the optimizer")
+    add("--steps", type=int, default=None, help="training steps (default 150; 60 per run for --lr-transfer)")
+    add("--batch-size", type=int, default=16, help="sequences per step, split over the ranks")
+    add("--n-layer", type=int, default=2, help="transformer blocks")
+    add("--n-head", type=int, default=4, help="attention heads (must divide --d-model)")
+    add("--d-model", type=int, default=64, help="model width")
+    add("--seq-len", type=int, default=64, help="tokens (bytes) per sequence")
+    add("--data", help="a text file, a folder, or data_pipeline.py's JSONL (default: Python's stdlib source)")
+    add("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     return parser
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Every flag checked here, before any work: one line naming the flag and the fix."""
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.Tensor:
+    """Every flag checked before any work, one line naming the flag and the fix; returns the text --data names."""
     if args.scale not in SCALES:
         parser.error(f"--scale {args.scale}: choose one of {', '.join(SCALES)}")
     if args.lr is not None and args.lr <= 0:
         parser.error(f"--lr {args.lr}: the learning rate must be positive")
     for flag in ("steps", "batch_size", "n_layer", "n_head", "d_model", "seq_len"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
+        if (value := getattr(args, flag)) is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} {value}: must be at least 1")
     if args.d_model % args.n_head:
         parser.error(f"--d-model {args.d_model} is not divisible by --n-head {args.n_head}")
@@ -446,49 +434,39 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         parser.error(f"--batch-size {args.batch_size} is not divisible by the {world} ranks")
-
-
-def run_single(args: argparse.Namespace, cfg: GPTConfig, data, device, rank: int, n: int) -> dict:
-    """One training run; under torchrun, Muon's all-gathers are counted from outside and set beside the formula."""
-    steps = args.steps or 150
-    with CommCounter() as counter:
-        r = train(args.optimizer, steps, args.lr, args.scale, cfg, args.batch_size, data, device,
-                  log_every=max(1, steps // 10))
-    if rank == 0:
-        print(f"validation loss {r['val_loss']:.3f} | {r['ms_per_step']:.1f} ms/step")
-        if n > 1 and args.optimizer == "muon":
-            calls, nbytes = counter.totals().get("all_gather", (0, 0))
-            params = r["opt"].muon.param_groups[0]["params"]
-            f_calls, f_bytes = gather_bytes_per_step(params, n, default_ns_dtype(device).itemsize)
-            print(f"Muon's all-gathers per step, counted: {calls / steps:g} calls, {nbytes / steps / 1024:.1f} KiB "
-                  f"sent by each rank | formula Σ⌈k/N⌉·numel·bytes: {f_calls} calls, {f_bytes / 1024:.1f} KiB")
-    return r
+    try:
+        return load_text(args.data)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
-    check_args(parser, args)
-    try:
-        data = load_text(args.data)
-    except ValueError as e:
-        parser.error(str(e))
+    data = check_args(parser, args)
     cfg = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model)
+    steps = args.steps or (60 if args.lr_transfer else 150)
     rank, n, device = setup_distributed(args.device)
     try:
         if args.ns_check:
-            result, show = ns_check(cfg, data, device), print_ns_check
-        elif args.lr_transfer:
-            result = lr_transfer(args.widths, ("none", "moonlight"), args.steps or 60, cfg, data, device,
-                                 batch_size=args.batch_size, verbose=rank == 0)
-            show = print_lr_transfer
-        elif args.compare:
-            result, show = compare(args.steps or 150, cfg, data, device), print_compare
-        else:
-            return run_single(args, cfg, data, device, rank, n)
+            return ns_check(cfg, data, device, verbose=rank == 0)
+        if args.lr_transfer:
+            return lr_transfer(args.widths, ("none", "moonlight"), steps, cfg, data, device,
+                               batch_size=args.batch_size, verbose=rank == 0)
+        if args.compare:
+            return compare(steps, cfg, data, device, verbose=rank == 0)
+        with CommCounter() as counter:  # one run; under torchrun, Muon's all-gathers are counted from outside
+            r = train(args.optimizer, steps, args.lr, args.scale, cfg, args.batch_size, data, device,
+                      log_every=max(1, steps // 10))
         if rank == 0:
-            show(result)
-        return result
+            print(f"validation loss {r['val_loss']:.3f} | {r['ms_per_step']:.1f} ms/step")
+        if rank == 0 and n > 1 and args.optimizer == "muon":  # the all-gathers counted, beside the formula
+            calls, nbytes = counter.totals().get("all_gather", (0, 0))
+            params = r["opt"].muon.param_groups[0]["params"]
+            f_calls, f_bytes = gather_bytes_per_step(params, n, default_ns_dtype(device).itemsize)
+            print(f"Muon's all-gathers per step, counted: {calls / steps:g} calls, {nbytes / steps / 1024:.1f} KiB "
+                  f"sent by each rank | formula Σ⌈k/N⌉·numel·bytes: {f_calls} calls, {f_bytes / 1024:.1f} KiB")
+        return r
     finally:
         cleanup()
 
