@@ -37,13 +37,12 @@ from torch.distributed.pipelining import PipelineStage as TorchPipelineStage, Sc
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+
 # --- the technique -----------------------------------------------------
 
 
 def mesh_coordinates(world_size: int, dp: int, pp: int, tp: int) -> dict:
-    """Which global ranks form each DP, PP and TP group of a (dp, pp, tp) grid with TP innermost."""
-    if dp * pp * tp != world_size:
-        raise ValueError(f"--dp {dp} × --pp {pp} × --tp {tp} = {dp * pp * tp}, not the world size {world_size}")
+    """The global ranks of each DP, PP and TP group of a (dp, pp, tp) grid, TP innermost; world_size = dp·pp·tp."""
     # BEGIN SOLUTION
     rank = lambda d, p, t: (d * pp + p) * tp + t
     return {"coords": [(r // (pp * tp), r // tp % pp, r % tp) for r in range(world_size)],
@@ -107,9 +106,8 @@ def tied_weight_groups(dp: int, pp: int, tp: int):
 
 
 def run_pipeline(stage: Stage, schedule, x, y) -> list:
-    """One 1F1B pass over the micro-batches: forward, backward, gradients accumulated. The last stage returns the
-    micro-batch losses."""
-    out = []  # the first stage feeds the inputs, the last the targets and takes the losses
+    """One 1F1B pass over the micro-batches: forward, backward, gradients accumulated."""
+    out = []  # the first stage feeds the inputs, the last the targets and returns the micro-batch losses
     schedule.step(*((x,) if stage.first else ()), **(dict(target=y, losses=out) if stage.last else {}))
     return out
 
@@ -134,8 +132,8 @@ def allreduce_dp_grads(stage: Stage, dp_group, dp: int) -> None:
 
 def layout_error(world: int, dp: int, pp: int, tp: int, cfg: "GPTConfig", batch: int, m: int) -> str | None:
     """The one place a training layout is checked (main reports it as a usage error, train raises it)."""
-    if dp * pp * tp != world:
-        return f"--dp {dp} × --pp {pp} × --tp {tp} = {dp * pp * tp}, but the world size is {world}: make them multiply to it"
+    if (n := dp * pp * tp) != world:
+        return f"--dp {dp} × --pp {pp} × --tp {tp} = {n}, but the world size is {world}: make them multiply to it"
     if cfg.n_head % tp or cfg.d_model % cfg.n_head:
         return f"--n-head {cfg.n_head} must divide --d-model {cfg.d_model} and be divisible by --tp {tp}"
     if pp > cfg.n_layer:
@@ -184,7 +182,8 @@ def gpt_shape(params: float, layers: int | None = None, hidden: int | None = Non
 def state_bytes(params: float, n: int, zero_stage: int = 0) -> float:
     """Mixed-precision Adam per GPU (zero.py's accounting): 2Φ bf16 weights + 2Φ gradients + 12Φ fp32 master, m, v,
     each divided by the N data-parallel ranks from its ZeRO stage on: 16Φ, 4Φ + 12Φ/N, 2Φ + 14Φ/N, 16Φ/N."""
-    return params * (2 / (n if zero_stage >= 3 else 1) + 2 / (n if zero_stage >= 2 else 1) + 12 / (n if zero_stage >= 1 else 1))
+    div = lambda stage: n if zero_stage >= stage else 1  # N from its stage on
+    return params * (2 / div(3) + 2 / div(2) + 12 / div(1))
 
 
 def activation_bytes(s: int, b: int, h: int, a: int, tp: int = 1, sp: bool = True, recompute: str = "none") -> float:
@@ -232,23 +231,22 @@ def step_time(shape: Shape, gpu: str, tp: int, pp: int, dp: int, batch: int, mic
     execute (recomputation included, as Narayanan et al. count), MFU only the model's (as LLaMA 3 counts)."""
     g, s, h = GPUS[gpu], shape.seq, shape.hidden
     m, f = batch // (dp * micro), flops_per_token(shape, recompute)
+    link = lambda ranks: g["nvlink"] if ranks <= gpus_per_node else g["ib"]  # GB/s of a group of `ranks` GPUs
     # one micro-batch on one GPU of the last stage: its L/p layers and the logits
     compute = (shape.layers / pp * f["layer"] + f["logits"]) * micro * s / tp / (efficiency * g["tflops"] * 1e12)
     # TP: per layer and micro-batch 2 all-reduces forward, 2 backward (+2 when the forward is recomputed); hidden
     # behind the GEMMs when overlapped (Megatron-Core's --tp-comm-overlap) as far as they last
-    tp_link = g["nvlink"] if tp <= gpus_per_node else g["ib"]
-    tp_comm = (4 + 2 * (recompute == "full")) * shape.layers / pp * ring_seconds(2 * micro * s * h, tp, tp_link)
+    tp_comm = (4 + 2 * (recompute == "full")) * shape.layers / pp * ring_seconds(2 * micro * s * h, tp, link(tp))
     tp_exposed = max(0.0, tp_comm - compute) if overlap_tp else tp_comm
     # PP: each micro-batch's activation forward and its gradient back, split over the TP ranks (Megatron's
     # scatter/gather), over InfiniBand once the stages sit on different nodes
-    link = g["nvlink"] if tp * pp <= gpus_per_node else g["ib"]
-    pp_comm = v * 2 * (2 * micro * s * h / tp) / (link * 1e9) if pp > 1 else 0.0
+    pp_comm = v * 2 * (2 * micro * s * h / tp) / (link(tp * pp) * 1e9) if pp > 1 else 0.0
     t_mb = compute + tp_exposed + pp_comm
     # BEGIN SOLUTION
     bubble = (pp - 1) / v * t_mb  # = (p − 1)/(v·m + p − 1) of the pipeline's time
     # END SOLUTION
     # DP: fp32 gradients (Megatron's main grads) in a ring; overlapped, it hides behind the last backward
-    dp_comm = ring_seconds(grad_bytes * shape.params / (tp * pp), dp, g["nvlink"] if tp * pp * dp <= gpus_per_node else g["ib"])
+    dp_comm = ring_seconds(grad_bytes * shape.params / (tp * pp), dp, link(tp * pp * dp))
     dp_exposed = max(0.0, dp_comm - 2 / 3 * compute) if overlap_dp else dp_comm
     total = m * t_mb + bubble + dp_exposed
     per_gpu = batch * s / (tp * pp * dp)  # tokens per GPU per step
@@ -274,9 +272,9 @@ def plan(shape: Shape, gpus: int, gpu: str = "a100", batch: int = 1536, gpus_per
                 rows.append({"tp": t, "pp": p, "dp": d, "memory_gb_per_gpu": memory["total"], **memory,
                              **step_time(shape, gpu, t, p, d, batch, recompute=recompute, gpus_per_node=gpus_per_node)})
     if not rows:
-        raise ValueError(f"--params {shape.params:.3g} fits no layout on --gpus {gpus} of {mem:g} GB (TP inside a node of "
-                         f"--gpus-per-node {gpus_per_node}, PP dividing {shape.layers} layers): add GPUs, --zero-stage, "
-                         f"or --recompute full")
+        raise ValueError(f"--params {shape.params:.3g} fits no layout on --gpus {gpus} of {mem:g} GB (TP inside a node "
+                         f"of --gpus-per-node {gpus_per_node}, PP dividing {shape.layers} layers): add GPUs, "
+                         f"--zero-stage, or --recompute full")
     return sorted(rows, key=lambda r: (round(r["step_time_s"], 6), r["tp"] * r["pp"]))  # ties: less model parallelism
 
 
@@ -289,15 +287,12 @@ def collectives_seen(prof) -> dict[str, tuple[int, int]]:
     """{op: (calls, bytes)} from the backend's events in a torch.profiler trace (record_shapes): gloo and NCCL record
     each all_reduce, send and recv with its tensor's shape and dtype, also those DTensor and pipelining issue inside
     PyTorch, which never pass through dist.* in Python. (NCCL records a batch of p2p ops as one nccl:coalesced.)"""
-    out = {}
+    counter = CommCounter()  # not entered: it holds these events, and totals() sums them as it does dist.* calls
     for e in prof.events():
-        match = re.match(r"(gloo|nccl):(\w+)", e.name)
-        if match:
+        if match := re.match(r"(gloo|nccl):(\w+)", e.name):
             shapes = zip(e.input_shapes or [], e.input_dtypes or [])
-            nbytes = sum(math.prod(shape) * DTYPE_BYTES[dtype] for shape, dtype in shapes if shape)
-            calls, total = out.get(match[2], (0, 0))
-            out[match[2]] = (calls + 1, total + nbytes)
-    return out
+            counter.events.append(("", match[2], sum(math.prod(s) * DTYPE_BYTES[dtype] for s, dtype in shapes if s)))
+    return counter.totals()
 
 
 def measured_step(stage: Stage, schedule, x, y, mesh, dp: int, tied_group) -> tuple[list, dict]:
@@ -318,7 +313,8 @@ def measured_step(stage: Stage, schedule, x, y, mesh, dp: int, tied_group) -> tu
 
 
 def train(dp: int, pp: int, tp: int, steps: int = 5, cfg: GPTConfig | None = None, batch_size: int = 8,
-          n_microbatches: int = 2, lr: float = 3e-3, data=None, device="cpu", seed: int = 0, log_every: int = 0) -> dict:
+          n_microbatches: int = 2, lr: float = 3e-3, data=None, device="cpu", seed: int = 0,
+          log_every: int = 0) -> dict:
     """Train TinyGPT on a (dp, pp, tp) mesh of this process group, each DP replica on its slice of the global batch;
     count the last step's collectives (the first also carries pipelining's one-time shape exchange). Returns losses,
     the single-process step-0 loss, this rank's parameters and traffic."""
@@ -361,7 +357,8 @@ def train(dp: int, pp: int, tp: int, steps: int = 5, cfg: GPTConfig | None = Non
         if log_every and dist.get_rank() == 0 and (step % log_every == 0 or step == steps - 1):
             print(f"step {step + 1}/{steps} | loss {losses[-1]:.4f} | {times[-1] * 1e3:.0f} ms", flush=True)
     names = {id(q): n for n, q in model.named_parameters()}
-    params = {names[id(q)]: (q.full_tensor() if isinstance(q, DTensor) else q).detach().clone() for q in stage.parameters()}
+    params = {names[id(q)]: (q.full_tensor() if isinstance(q, DTensor) else q).detach().clone()
+              for q in stage.parameters()}  # every rank's TP slices joined
     held = sum((q.to_local() if isinstance(q, DTensor) else q).numel() for q in stage.parameters())
     return {"coords": (d, p, t), "losses": losses, "reference_step0_loss": reference_loss, "params": params,
             "params_held": held, "model_params": sum(q.numel() for q in TinyGPT(cfg).parameters()),
@@ -383,8 +380,8 @@ def print_report(per_rank: list[dict], m: int, tp: int) -> None:
 
 
 def print_plan(rows: list[dict], shape: Shape, gpu: str, gpus: int, top: int) -> None:
-    print(f"Φ = {shape.params:.3g} ({shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads, seq {shape.seq})"
-          f" on {gpus} × {gpu.upper()} ({GPUS[gpu]['tflops']} TFLOP/s bf16, η = {EFFICIENCY} of peak); "
+    print(f"Φ = {shape.params:.3g} ({shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads, seq "
+          f"{shape.seq}) on {gpus} × {gpu.upper()} ({GPUS[gpu]['tflops']} TFLOP/s bf16, η = {EFFICIENCY} of peak); "
           f"{len(rows)} layouts fit, the fastest {min(top, len(rows))}:")
     print(f"{'TP':>3} {'PP':>3} {'DP':>5} {'m':>5} | {'GB/GPU':>6} | {'step s':>7} {'TFLOP/s':>7} {'MFU':>5} | "
           f"time split: compute / TP / PP sends / bubble / exposed DP (s)")
@@ -395,7 +392,7 @@ def print_plan(rows: list[dict], shape: Shape, gpu: str, gpus: int, top: int) ->
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add = parser.add_argument
     add("--dp", type=int, help="data-parallel degree (training: default 1; --plan: pins it)")
     add("--pp", type=int, help="pipeline stages (training: default 1; --plan: pins it)")
@@ -428,15 +425,13 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-POSITIVE = ("dp", "pp", "tp", "steps", "batch_size", "microbatches", "n_layer", "n_head", "d_model", "seq_len",
-            "params", "gpus", "gpus_per_node", "gpu_mem", "layers", "hidden", "heads", "seq", "batch", "top")
-
-
-def validate(parser: argparse.ArgumentParser, args) -> None:
-    """Every check, before any work, whatever the mode: one line naming the flag and the fix."""
+def validate(parser: argparse.ArgumentParser, args) -> GPTConfig | Shape:
+    """Every check, before any work, whatever the mode: one line naming the flag and the fix. Returns the model it
+    checked: the training GPTConfig, or the --plan Shape."""
     if args.data and not Path(args.data).exists():
         parser.error(f"--data {args.data}: no such file or folder")
-    for name in POSITIVE:
+    for name in ("dp", "pp", "tp", "steps", "batch_size", "microbatches", "n_layer", "n_head", "d_model", "seq_len",
+                 "params", "gpus", "gpus_per_node", "gpu_mem", "layers", "hidden", "heads", "seq", "batch", "top"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} {value:g} must be positive")
@@ -444,7 +439,7 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
         cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, seq_len=args.seq_len)
         error = layout_error(int(os.environ.get("WORLD_SIZE", 1)), args.dp or 1, args.pp or 1, args.tp or 1, cfg,
                              args.batch_size, args.microbatches)
-        return parser.error(error) if error else None
+        return parser.error(error) if error else cfg
     shape = gpt_shape(args.params, args.layers, args.hidden, args.heads, args.seq)
     if args.gpus > args.gpus_per_node and args.gpus % args.gpus_per_node:
         parser.error(f"--gpus {args.gpus} is not a whole number of nodes of --gpus-per-node {args.gpus_per_node}")
@@ -456,10 +451,10 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--hidden {shape.hidden} with --heads {shape.heads} cannot be split by --tp {args.tp}")
     if args.pp and shape.layers % args.pp:
         parser.error(f"--pp {args.pp} does not divide --layers {shape.layers}")
+    return shape
 
 
-def run_plan(parser: argparse.ArgumentParser, args) -> list[dict]:
-    shape = gpt_shape(args.params, args.layers, args.hidden, args.heads, args.seq)
+def run_plan(parser: argparse.ArgumentParser, args, shape: Shape) -> list[dict]:
     try:
         rows = plan(shape, args.gpus, args.gpu, args.batch, args.gpus_per_node, args.gpu_mem, args.zero_stage,
                     args.recompute, args.tp, args.pp)
@@ -476,15 +471,15 @@ def run_plan(parser: argparse.ArgumentParser, args) -> list[dict]:
 def main(argv=None):
     parser = make_parser()
     args = parser.parse_args(argv)
-    validate(parser, args)
+    spec = validate(parser, args)  # the training GPTConfig, or the --plan Shape
     if args.plan:
-        return run_plan(parser, args)
+        return run_plan(parser, args, spec)
     data = load_text(args.data)
-    cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, seq_len=args.seq_len)
     dp, pp, tp = args.dp or 1, args.pp or 1, args.tp or 1
     rank, n, device = setup_distributed(args.device)
     try:
-        r = train(dp, pp, tp, args.steps, cfg, args.batch_size, args.microbatches, data=data, device=device, log_every=1)
+        r = train(dp, pp, tp, args.steps, spec, args.batch_size, args.microbatches, data=data, device=device,
+                  log_every=1)
         per_rank = [None] * n
         dist.all_gather_object(per_rank, {k: v for k, v in r.items() if k != "params"})
         if rank == 0:

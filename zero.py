@@ -13,7 +13,6 @@ and N ranks (this file's stage 1 sends 3Φ: it all-reduces the gradients, then a
 
 Run:   torchrun --nproc_per_node=4 zero.py --stage 2
        torchrun --nproc_per_node=4 zero.py --stage 0,1,2,3 --param-dtype bfloat16 --check
-       torchrun --nproc_per_node=2 benchmarks/zero_bench.py --overlap
        python zero.py --estimate --params 7e9 --world-size 8
 """
 from __future__ import annotations
@@ -33,17 +32,24 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # --- the technique -----------------------------------------------------
+ADAM_BYTES = 12  # K in the ZeRO paper: fp32 master weight + m + v, 4 bytes each
+
+
 def broadcast_from_rank0(tensors, group=None) -> None:  # every rank starts from rank 0's values, however seeded
     with torch.no_grad():
         for t in tensors:
             dist.broadcast(t, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
 
+
 def trainable(params) -> list[nn.Parameter]:  # each once: a tied weight is one parameter wherever it is used
     return list({id(p): p for p in params if p.requires_grad}.values())
 
+
 def grads_or_zeros(params) -> list[torch.Tensor]:
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
 
 class FlatBucket:
     """Parameters flattened into one vector, zero-padded to N·S elements; rank r owns elements [r·S, (r+1)·S)."""
@@ -58,9 +64,9 @@ class FlatBucket:
     def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [t.view_as(p) for t, p in zip(flat[: self.numel].split([p.numel() for p in self.params]), self.params)]
 
+
 def make_buckets(params: list[nn.Parameter], bucket_mb: float, n_shards: int = 1, group_index: int = 0):
-    """Buckets of ~bucket_mb MiB, in reverse registration order (about backward's); 0: one parameter each, inf: one."""
-    groups, size = [], 0
+    groups, size = [], 0  # in reverse registration order (about backward's); 0 MiB: one parameter each, inf: one
     for p in reversed(params):
         if not groups or size + p.nbytes > bucket_mb * 2 ** 20:
             groups, size = groups + [[]], 0
@@ -68,16 +74,17 @@ def make_buckets(params: list[nn.Parameter], bucket_mb: float, n_shards: int = 1
         size += p.nbytes
     return [FlatBucket(g, n_shards, group_index) for g in groups]
 
+
 class BucketedReduction:
-    """What stages 0, 2 and 3 share: hooks count each bucket's gradients as backward produces them; a complete bucket's
-    collective is launched (async) while backward goes on, in bucket order: the same order on every rank, as NCCL needs."""
+    """What stages 0, 2 and 3 share: hooks count each bucket's gradients as backward produces them; a complete
+    bucket's collective is launched (async) while backward goes on, in bucket order, the same on every rank (NCCL)."""
     def _hook_buckets(self, overlap: bool = True) -> None:
         self._ready, self._next, self._in_flight = [0] * len(self.buckets), 0, []
         for i, bucket in enumerate(self.buckets if overlap else []):
             for p in bucket.params:
                 p.register_post_accumulate_grad_hook(lambda p, i=i: self._grad_ready(i))
     def _grad_ready(self, i: int) -> None:  # bucket i has one more gradient: launch complete buckets, in order
-        if self._ready[i] == len(self.buckets[i].params):  # a second backward would replace or drop the first's gradients
+        if self._ready[i] == len(self.buckets[i].params):  # a second backward would replace or drop the first's
             raise RuntimeError("a gradient arrived twice: call finish_gradient_synchronization() after every backward")
         # BEGIN SOLUTION
         self._ready[i] += 1
@@ -85,17 +92,17 @@ class BucketedReduction:
             self._in_flight.append(self._launch(self._next))
             self._next += 1
         # END SOLUTION
-    def finish_gradient_synchronization(self) -> None:
-        """Launch what backward did not (no overlap, or parameters without a gradient) and wait for everything."""
-        self._in_flight += [self._launch(i) for i in range(self._next, len(self.buckets))]
+    def finish_gradient_synchronization(self) -> None:  # launch what backward did not, then wait for everything
+        self._in_flight += [self._launch(i) for i in range(self._next, len(self.buckets))]  # no overlap, no gradient
         for work, land in self._in_flight:
             work.wait()
             land()
         self._ready, self._next, self._in_flight = [0] * len(self.buckets), 0, []
 
+
 class DataParallel(BucketedReduction, nn.Module):
-    """Stage 0: every rank holds the whole model; gradients are averaged by all-reduce, bucket by bucket, during backward
-    (overlap=False: after it, the baseline). Then finish_gradient_synchronization(), and any torch.optim optimizer."""
+    """Stage 0: every rank holds the whole model; gradients are averaged by all-reduce, bucket by bucket, during
+    backward (overlap=False: after it, the baseline). Then finish_gradient_synchronization() and any torch.optim."""
     def __init__(self, module: nn.Module, bucket_mb: float = 25, overlap: bool = True, group=None):
         super().__init__()
         self.module, self.group, self.world_size = module, group, dist.get_world_size(group)
@@ -112,29 +119,27 @@ class DataParallel(BucketedReduction, nn.Module):
                 p.grad = g
         return dist.all_reduce(flat, group=self.group, async_op=True), land
 
+
 class ShardedOptimizer(torch.optim.Optimizer):
     """Stage 1: any element-wise torch.optim optimizer (AdamW, SGD, ...) steps only this rank's 1/N of every bucket, on
-    fp32 masters, read from the averaged p.grad; every rank all-gathers the updated slices. Param groups are kept.
-    offload="cpu" is ZeRO-Offload: the masters, the optimizer states and the step live on the CPU."""
+    fp32 masters, read from the averaged p.grad; every rank all-gathers the updated slices. Param groups are kept."""
     def __init__(self, params, optimizer_cls: type, process_group=None, bucket_mb: float = 25,
                  offload: str | None = None, **kwargs):
         super().__init__(params, kwargs)
-        self.group, self._loaded = process_group, False
-        self.n, self.rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        self.group, self.n, self.rank = process_group, dist.get_world_size(process_group), dist.get_rank(process_group)
         broadcast_from_rank0([p for g in self.param_groups for p in g["params"]], process_group)
         self.buckets = [b for gi, g in enumerate(self.param_groups)
                         for b in make_buckets(trainable(g["params"]), bucket_mb, self.n, gi)]
-        mine = [b.flatten([p.detach() for p in b.params], torch.float32).view(self.n, -1)[self.rank] for b in self.buckets]
-        self.masters = [nn.Parameter(m.to("cpu" if offload == "cpu" else m.device, copy=True)) for m in mine]  # fp32 (S,)
-        self.optimizer = optimizer_cls([{**{k: v for k, v in g.items() if k != "params"},
-                                         "params": [m for m, b in zip(self.masters, self.buckets) if b.group_index == gi]}
-                                        for gi, g in enumerate(self.param_groups)], **kwargs)
+        mine = [b.flatten([p.detach() for p in b.params], torch.float32).view(self.n, -1)[self.rank]
+                for b in self.buckets]  # fp32 (S,); offload="cpu": ZeRO-Offload, masters, states and step on the CPU
+        self.masters = [nn.Parameter(m.to("cpu" if offload == "cpu" else m.device, copy=True)) for m in mine]
+        in_group = lambda i: [m for m, b in zip(self.masters, self.buckets) if b.group_index == i]
+        self.optimizer = optimizer_cls([dict(g, params=in_group(i)) for i, g in enumerate(self.param_groups)], **kwargs)
     def add_param_group(self, param_group: dict) -> None:  # torch.optim's __init__ calls it; a later group is refused
         if hasattr(self, "optimizer"):  # it would be neither sharded nor stepped
             raise RuntimeError("ShardedOptimizer shards its parameters at construction: pass every param group then")
         super().add_param_group(param_group)
-    def state_dict(self) -> dict:
-        """This rank's shard only: the inner optimizer's state (m, v, ... of its masters); save and load one per rank."""
+    def state_dict(self) -> dict:  # this rank's shard only, the inner optimizer's (m, v, ...): one file per rank
         return self.optimizer.state_dict()
     def load_state_dict(self, state_dict: dict) -> None:
         self.optimizer.load_state_dict(state_dict)
@@ -144,10 +149,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         b = self.buckets[i]
         return b.flatten(grads_or_zeros(b.params), b.params[0].dtype).view(self.n, -1)[self.rank]  # (S,)
     @torch.no_grad()
-    def load_gradients(self) -> None:  # this rank's gradient slices, in fp32, onto the masters (CPU under offload), once
-        for i, m in enumerate(self.masters if not self._loaded else []):
-            m.grad = self._gradient_shard(i).to(m.device, torch.float32)
-        self._loaded = True
+    def load_gradients(self) -> None:  # this rank's gradient slices, in fp32, onto the masters (CPU under offload)
+        for i, m in enumerate(self.masters):
+            if m.grad is None:  # once per step: the loss scaler loads them before step() does
+                m.grad = self._gradient_shard(i).to(m.device, torch.float32)
     @torch.no_grad()
     def step(self, closure=None):  # closure: torch.optim's signature, unused
         self.load_gradients()
@@ -164,8 +169,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.zero_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        self.optimizer.zero_grad()  # the masters' gradient slices
-        self._loaded = False
+        self.optimizer.zero_grad()  # the masters' gradient slices: the next load_gradients() reads p.grad again
+
 
 class ShardedGradientOptimizer(BucketedReduction, ShardedOptimizer):
     """Stage 2 = stage 1 with one change: a bucket complete in backward is reduce-scattered, not all-reduced, so a rank
@@ -194,40 +199,35 @@ class ShardedGradientOptimizer(BucketedReduction, ShardedOptimizer):
     def _gradient_shard(self, i: int) -> torch.Tensor:
         return self.grad_shards[i]
 
+
 class ShardedUnit:
-    """One unit's trainable parameters. Parameter i is padded to N·S_i elements; rank r keeps [r·S_i, (r+1)·S_i) in fp32
-    as p.data between uses. The gathered copy is one flat buffer whose storage is freed (resized to 0) between uses."""
+    """One unit's trainable parameters. Parameter i is padded to N·S_i elements; rank r keeps [r·S_i, (r+1)·S_i) in
+    fp32 as p.data between uses. The gathered copy is one flat buffer, its storage freed (resized to 0) between uses."""
     def __init__(self, module: nn.Module, params: list[nn.Parameter], n: int, rank: int, dtype: torch.dtype):
         self.module, self.params, self.n = module, params, n
         self.sizes = [-(-p.numel() // n) for p in params]  # S_i
         self.full = torch.empty(n * sum(self.sizes), dtype=dtype, device=params[0].device)
-        self.views = [blk[: p.numel()].view(p.shape) for blk, p in zip(self.full.split([n * s for s in self.sizes]), params)]
-        self.shards = [FlatBucket([p], n).flatten([p.detach()], torch.float32).view(n, -1)[rank].clone()
-                       for p in params]  # (S_i,) fp32 each
-        self.gathered = True  # the parameters still hold their full tensors: free() leaves them the shards
-        self.free()
-    def all_gather(self, dtype: torch.dtype, group) -> list[torch.Tensor]:
-        """Every rank's shards of this unit in one collective: [(N, S_i) per parameter]."""
+        self.blocks = self.full.split([n * s for s in self.sizes])  # parameter i's padded block, N·S_i elements
+        self.views = [blk[: p.numel()].view(p.shape) for blk, p in zip(self.blocks, params)]
+        self.shards = [FlatBucket([p], n).flatten([p.detach()], torch.float32).chunk(n)[rank].clone() for p in params]
+        self.free()  # the parameters still hold their full tensors: free() leaves them the shards
+    def all_gather(self, dtype: torch.dtype, group) -> list[torch.Tensor]:  # every rank's shards, in one collective
         mine = torch.cat([s.to(dtype) for s in self.shards])  # (T,), T = Σ S_i
         out = torch.empty(self.n * mine.numel(), dtype=dtype, device=mine.device)
         dist.all_gather_single(out, mine, group=group)
-        return list(out.view(self.n, -1).split(self.sizes, dim=1))
+        return list(out.view(self.n, -1).split(self.sizes, dim=1))  # [(N, S_i) per parameter]
     def gather(self, group) -> None:
-        if not self.gathered:
+        if not self.full.untyped_storage().nbytes():  # freed
             self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
-            for blk, rows in zip(self.full.split([self.n * s for s in self.sizes]), self.all_gather(self.full.dtype, group)):
-                blk.view(self.n, -1).copy_(rows)  # parameter i's padded block, (N, S_i)
-            for p, v in zip(self.params, self.views):
+            for p, v, blk, rows in zip(self.params, self.views, self.blocks, self.all_gather(self.full.dtype, group)):
+                blk.view(self.n, -1).copy_(rows)  # (N, S_i)
                 p.data = v
-            self.gathered = True
     def free(self) -> None:
-        if self.gathered:
+        if self.full.untyped_storage().nbytes():  # gathered
             for p, s in zip(self.params, self.shards):
                 p.data = s  # reading p between uses gives the shard, never freed memory
             self.full.untyped_storage().resize_(0)
-            self.gathered = False
-    def reduce_scatter(self, group):
-        """Average the unit's full gradients over ranks, this rank receiving its shards. Returns (work, land)."""
+    def reduce_scatter(self, group):  # average the full gradients over ranks into this rank's shards: (work, land)
         cols = torch.cat([FlatBucket([p], self.n).flatten([g], g.dtype).view(self.n, -1)
                           for p, g in zip(self.params, grads_or_zeros(self.params))], dim=1)  # (N, T)
         for p in self.params:
@@ -239,12 +239,12 @@ class ShardedUnit:
                 p.grad = g.float()  # fp32, the shard's shape: what the optimizer steps
         return dist.reduce_scatter_single(out, cols.view(-1).div_(self.n), group=group, async_op=True), land
 
+
 class FullyShardedDataParallel(BucketedReduction, nn.Module):
-    """Stage 3: between uses each trainable parameter holds only this rank's fp32 shard (p.data is 1-D). A unit (each
-    element of an nn.ModuleList; the root: all the rest) is all-gathered before its forward, freed after it, gathered
-    again when backward reaches it, freed once its gradients are reduce-scattered. After finish_gradient_
-    synchronization() p.grad is the shard's averaged fp32 gradient: any element-wise torch.optim optimizer on
-    module.parameters() steps the shards. compute_dtype: of the gathered parameters, compute and communication."""
+    """Stage 3: the trainable parameters in ShardedUnits. A unit (each element of an nn.ModuleList; the root: all the
+    rest) is all-gathered before its forward, freed after it, gathered again when backward reaches it, freed once its
+    gradients are reduce-scattered. finish_gradient_synchronization() leaves p.grad = the shard's averaged fp32
+    gradient, for any element-wise torch.optim optimizer. compute_dtype: gathered parameters, compute and comms."""
     def __init__(self, module: nn.Module, compute_dtype: torch.dtype | None = None, group=None):
         super().__init__()
         self.module, self.group = module, group
@@ -255,23 +255,22 @@ class FullyShardedDataParallel(BucketedReduction, nn.Module):
         lists = [m for sub in module.modules() if isinstance(sub, nn.ModuleList) for m in sub]
         in_lists = {id(sub) for m in lists for sub in m.modules()}
         # the root unit: parameters of modules outside the lists (a weight tied to one inside stays here)
-        root = trainable(p for sub in module.modules() if id(sub) not in in_lists for p in sub.parameters(recurse=False))
-        self.root = ShardedUnit(module, root, n, rank, dtype)
-        self.units, taken = [self.root], {id(p) for p in root}
+        root = trainable(p for s in module.modules() if id(s) not in in_lists for p in s.parameters(recurse=False))
+        self.units, taken = [ShardedUnit(module, root, n, rank, dtype)], {id(p) for p in root}
         for m in lists:
-            params = [p for p in trainable(m.parameters()) if id(p) not in taken]
-            taken.update(id(p) for p in params)
-            if params:
-                self.units.append(u := ShardedUnit(m, params, n, rank, dtype))
-                m.register_forward_pre_hook(lambda mod, args, u=u: u.gather(self.group))
-                m.register_forward_hook(lambda mod, args, out, u=u: self._after_forward(u, out))
+            if params := [p for p in trainable(m.parameters()) if id(p) not in taken]:
+                taken.update(id(p) for p in params)
+                self.units.append(ShardedUnit(m, params, n, rank, dtype))
+        for u in self.units:  # the root's hooks are on the wrapped module: it stays gathered through the forward
+            u.module.register_forward_pre_hook(lambda mod, args, u=u: u.gather(self.group))
+            u.module.register_forward_hook(lambda mod, args, out, u=u: self._after_forward(u, out))
         self.buckets = self.units[::-1]  # backward's order: the last block first, the root last
         self._hook_buckets()  # a unit is complete when all its gradients are: reduce-scatter it and free it
     def forward(self, *args, **kwargs):  # the wrapped module must own parameters outside its lists: the root unit
         if torch.is_grad_enabled() and any(p.grad is not None for u in self.units for p in u.params):
-            raise RuntimeError("stage 3 does not accumulate micro-batches: step() and zero_grad() before the next forward")
-        self.root.gather(self.group)  # the root stays gathered through the forward, one block beside it
-        return self._after_forward(self.root, self.module(*args, **kwargs))
+            raise RuntimeError("stage 3 does not accumulate micro-batches: step() and zero_grad() before the next "
+                               "forward")
+        return self.module(*args, **kwargs)  # its hooks gather and free the units
     def _after_forward(self, unit: ShardedUnit, out):  # free it; gather it again when backward reaches its output
         # BEGIN SOLUTION
         unit.free()
@@ -283,18 +282,17 @@ class FullyShardedDataParallel(BucketedReduction, nn.Module):
     def _launch(self, i: int):
         return self.buckets[i].reduce_scatter(self.group)
     @torch.no_grad()
-    def gather_full_params(self) -> dict[str, torch.Tensor]:
-        """{name: the full fp32 parameter} for every parameter of the module. Collective: call it on every rank."""
-        full = {id(p): rows.reshape(-1)[: view.numel()].view(view.shape)  # (N, S_i) -> the parameter
-                for u in self.units for p, view, rows in zip(u.params, u.views, u.all_gather(torch.float32, self.group))}
+    def gather_full_params(self) -> dict[str, torch.Tensor]:  # {name: full fp32 parameter}; collective: every rank
+        full = {id(p): rows.reshape(-1)[: view.numel()].view(view.shape) for u in self.units  # (N, S_i) -> parameter
+                for p, view, rows in zip(u.params, u.views, u.all_gather(torch.float32, self.group))}
         return {k: full.get(id(p), p.detach().float()).clone() for k, p in self.module.named_parameters()}
+
 
 class DynamicLossScaler:
     """fp16's dynamic loss scale, explicit: scaler.scale(loss).backward(); finish...(); scaler.step(opt) unscales, and
     skips the step on every rank (halving the scale) if any rank saw inf/NaN. Nothing is scaled behind your back."""
     def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 2000, group=None):
-        self.loss_scale, self.growth_interval, self.group = init_scale, growth_interval, group
-        self.good_steps = self.skipped_steps = 0
+        self.loss_scale, self.growth_interval, self.group, self.good_steps = init_scale, growth_interval, group, 0
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.loss_scale
     @torch.no_grad()
@@ -307,7 +305,7 @@ class DynamicLossScaler:
         overflow = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float().to(device)
         dist.all_reduce(overflow, op=dist.ReduceOp.MAX, group=self.group)  # sharded ranks see different gradients
         if overflow.item():
-            self.loss_scale, self.skipped_steps, self.good_steps = self.loss_scale / 2, self.skipped_steps + 1, 0
+            self.loss_scale, self.good_steps = self.loss_scale / 2, 0
             optimizer.zero_grad()
             return False
         optimizer.step()
@@ -315,11 +313,10 @@ class DynamicLossScaler:
         self.loss_scale *= 2 if self.good_steps % self.growth_interval == 0 else 1
         return True
 
-ADAM_BYTES = 12  # K in the ZeRO paper: fp32 master weight + m + v, 4 bytes each
+
 def estimate_memory(num_params: float, world_size: int, stage: int, offload: str | None = None, param_bytes=2) -> dict:
-    """Bytes per rank by the ZeRO papers: 2Φ fp16 parameters, 2Φ gradients, 12Φ optimizer states, each /N from its
-    stage on. offload="cpu" (ZeRO-Offload) moves gradients and optimizer states to CPU memory: the accelerator keeps
-    the fp16 parameters (2Φ; 13B fits one 32 GB V100). "nvme" (ZeRO-Infinity) moves them, and stage 3's parameters, to NVMe."""
+    """Bytes per rank: the table above, param_bytes per parameter and gradient. offload="cpu" (ZeRO-Offload) moves
+    gradients and optimizer states to CPU memory, "nvme" (ZeRO-Infinity) them and stage 3's parameters to NVMe."""
     phi, n = float(num_params), world_size
     # BEGIN SOLUTION
     out = {"params": param_bytes * phi / (n if stage >= 3 else 1), "grads": param_bytes * phi / (n if stage >= 2 else 1),
@@ -331,40 +328,36 @@ def estimate_memory(num_params: float, world_size: int, stage: int, offload: str
             out["nvme"], out["params"] = out["nvme"] + out["params"], 0.0
     return dict(out, total=out["params"] + out["grads"] + out["optimizer"])
 
+
 # --- demo --------------------------------------------------------------
 def build(stage: int, model: nn.Module, compute_dtype=None, offload=None, optimizer_cls=torch.optim.AdamW,
-          bucket_mb: float = 25, **optimizer_kwargs) -> tuple:
-    """Wrap model for ZeRO `stage`; return (model, optimizer, finish_gradient_synchronization)."""
+          bucket_mb: float = 25, **optimizer_kwargs) -> tuple:  # (model, optimizer, finish_gradient_synchronization)
     if stage == 3:
         model = FullyShardedDataParallel(model, compute_dtype)
         return model, optimizer_cls(model.parameters(), **optimizer_kwargs), model.finish_gradient_synchronization
-    if stage == 2:
-        opt = ShardedGradientOptimizer(model.parameters(), optimizer_cls, None, bucket_mb, offload, **optimizer_kwargs)
-    else:
-        model = DataParallel(model, bucket_mb)
-        one_rank = dist.new_subgroups(group_size=1)[0] if stage == 0 else None  # stage 0 shards over one rank
-        opt = ShardedOptimizer(model.parameters(), optimizer_cls, one_rank, bucket_mb, offload, **optimizer_kwargs)
+    model = DataParallel(model, bucket_mb) if stage < 2 else model  # stage 2 reduce-scatters from the bare model
+    one_rank = dist.new_subgroups(group_size=1)[0] if stage == 0 else None  # stage 0 shards over one rank
+    opt = (ShardedGradientOptimizer if stage == 2 else ShardedOptimizer)(model.parameters(), optimizer_cls, one_rank,
+                                                                          bucket_mb, offload, **optimizer_kwargs)
     if compute_dtype is not None:
         model.to(compute_dtype)  # after the optimizer took its fp32 masters
     return model, opt, (opt if stage == 2 else model).finish_gradient_synchronization
+
 
 def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(model, FullyShardedDataParallel):  # the shards, gathered
         return model.gather_full_params()
     return {k: p.detach().float().clone() for k, p in getattr(model, "module", model).named_parameters()}
 
-def held_bytes(model: nn.Module, optimizer) -> dict:
-    """Bytes this rank holds, read from the tensors: parameters, gradients, optimizer (fp32 masters and states)."""
+
+def held_bytes(model: nn.Module, optimizer) -> dict:  # read from the tensors: parameters, gradients, optimizer
     params, inner = trainable(model.parameters()), getattr(optimizer, "optimizer", optimizer)
-    masters = [m for g in inner.param_groups for m in g["params"]] if inner is not optimizer else []
     state = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
     size = lambda ts: sum(t.nbytes for t in ts if t is not None)
-    out = {"params": size(p.data for p in params), "optimizer": size(masters) + size(state),
+    out = {"params": size(p.data for p in params), "optimizer": size(getattr(optimizer, "masters", []) + state),
            "grads": size([p.grad for p in params] + list(getattr(optimizer, "grad_shards", [])))}
     return dict(out, total=sum(out.values()))
 
-RING = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter_single": lambda n: (n - 1) / n,
-        "all_gather_single": lambda n: n - 1}  # what one rank sends, per byte of the tensor CommCounter records
 
 def train(stage: int, steps: int = 20, batch_size: int = 8, cfg: GPTConfig | None = None, lr: float = 3e-3,
           compute_dtype=None, data: torch.Tensor | None = None, device=None, seed: int = 0, offload=None,
@@ -405,45 +398,47 @@ def train(stage: int, steps: int = 20, batch_size: int = 8, cfg: GPTConfig | Non
         if log_every and rank == 0 and (step % log_every == 0 or step == steps - 1):
             print(f"stage {stage} | step {step + 1}/{steps} | loss {losses[-1]:.3f} | "
                   f"{batch_size * n * cfg.seq_len / times[-1] / 1e3:.1f}k tok/s | {times[-1] * 1e3:.0f} ms", flush=True)
-    out = {"stage": stage, "world_size": n, "num_params": sum(t.numel() for t in full_params(model).values()),
-           "losses": losses, "memory": memory, "ms_per_step": statistics.median(times) * 1e3, "events": counter.events,
-           "param_bytes": torch.empty((), dtype=compute_dtype or torch.float32).element_size(),
-           "sent": sum(RING[op](n) * b for _, op, b in counter.events)}
+    ring = {"all_reduce": 2 * (n - 1) / n, "reduce_scatter_single": (n - 1) / n, "all_gather_single": n - 1}
+    final = full_params(model)  # a collective at stage 3
+    out = {"stage": stage, "world_size": n, "num_params": sum(t.numel() for t in final.values()), "losses": losses,
+           "param_bytes": (compute_dtype or torch.float32).itemsize, "memory": memory, "events": counter.events,
+           "ms_per_step": statistics.median(times) * 1e3, "sent": sum(ring[op] * b for _, op, b in counter.events)}
     if check:
-        want = dict(reference.named_parameters())
-        out["max_param_diff"] = max((want[k].detach() - v).abs().max().item() for k, v in full_params(model).items())
+        out["max_param_diff"] = max((p.detach() - final[k]).abs().max().item() for k, p in reference.named_parameters())
     return out
 
+
 def print_report(results: list[dict], n: int) -> None:
-    """Memory and traffic per rank, measured, beside the ZeRO formulas (p = bytes per model parameter)."""
-    phi, p = results[0]["num_params"], results[0]["param_bytes"]
-    print(f"\nPer-rank memory and traffic on N = {n}, Φ = {phi:,} parameters, KiB "
-          f"(formula: {p} bytes per parameter and gradient)")
-    columns = " |".join(f"{k:>9} {'formula':>8}" for k in ("params", "grads", "optim", "total"))
-    print(f"stage |{columns} | sent/step    paper | ms/step")
+    phi, p = results[0]["num_params"], results[0]["param_bytes"]  # p: bytes per model parameter
+    print(f"\nPer-rank memory and traffic on N = {n}, Φ = {phi:,} parameters, KiB (formula: {p} bytes per parameter "
+          "and gradient)\nstage |   params  formula |    grads  formula |    optim  formula |    total  formula | "
+          "sent/step    paper | ms/step")
     for r in results:
         f, m = estimate_memory(phi, n, r["stage"], param_bytes=p), r["memory"]
         paper = (3 if r["stage"] == 3 else 2) * phi * p * (n - 1) / n
-        cells = " | ".join(f"{m[k] / 1024:>8.1f} {f[k] / 1024:>8.1f}" for k in ("params", "grads", "optimizer", "total"))
-        print(f"{r['stage']:>5} | {cells} | {r['sent'] / 1024:>9.1f} {paper / 1024:>8.1f} | {r['ms_per_step']:>7.1f}")
+        cells = " | ".join(f"{m[k] / 1024:8.1f} {f[k] / 1024:8.1f}" for k in ("params", "grads", "optimizer", "total"))
+        print(f"{r['stage']:5} | {cells} | {r['sent'] / 1024:9.1f} {paper / 1024:8.1f} | {r['ms_per_step']:7.1f}")
     stage3 = "split differently." if p == 2 else ("not the formula's 20Φ/N:\nthe fp32 shard is its master, where "
                                                   "stages 0-2 keep an fp32 master beside fp32 parameters.")
-    print("sent/step: the collectives CommCounter saw, priced at what a ring sends; stage 1 all-reduces, then all-gathers\n"
-          f"(3Φ). Stage 3 holds fp32 shards and gradients (4Φ/N each) and m, v (8Φ/N): 16Φ/N, {stage3}")
+    print("sent/step: the collectives CommCounter saw, priced at what a ring sends; stage 1 all-reduces, then all-"
+          f"gathers\n(3Φ). Stage 3 holds fp32 shards and gradients (4Φ/N each) and m, v (8Φ/N): 16Φ/N, {stage3}")
     for r in [r for r in results if "max_param_diff" in r]:
         print(f"stage {r['stage']}: largest |parameter difference| from single-process torch.optim.AdamW after "
               f"{len(r['losses'])} steps: {r['max_param_diff']:.2e}")
 
+
 def print_estimate(num_params: float, world_size: int) -> None:
     print(f"Memory per rank for Φ = {num_params:.3g} parameters on N = {world_size} ranks, mixed-precision Adam "
           f"(2 + 2 + 12 bytes per parameter), GB:\n{'':<31}   params    grads optimizer   on GPU      CPU     NVMe")
-    for label, s, off in [(f"stage {s}" + (" (DDP)" if s == 0 else ""), s, None) for s in range(4)] + \
-            [(f"stage {s} + ZeRO-Offload (CPU)", s, "cpu") for s in (1, 2, 3)] + [("stage 3 + ZeRO-Infinity (NVMe)", 3, "nvme")]:
-        e = estimate_memory(num_params, world_size, s, off)
-        print(f"{label:<31}" + "".join(f"{e[k] / 1e9:>9.1f}" for k in ("params", "grads", "optimizer", "total", "cpu", "nvme")))
+    names = {None: "", "cpu": " + ZeRO-Offload (CPU)", "nvme": " + ZeRO-Infinity (NVMe)"}
+    for s, off in [(0, None), (1, None), (2, None), (3, None), (1, "cpu"), (2, "cpu"), (3, "cpu"), (3, "nvme")]:
+        e, label = estimate_memory(num_params, world_size, s, off), f"stage {s}" + (names[off] if s else " (DDP)")
+        gb = "".join(f"{e[k] / 1e9:9.1f}" for k in ("params", "grads", "optimizer", "total", "cpu", "nvme"))
+        print(f"{label:<31}{gb}")
+
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add = parser.add_argument
     add("--stage", default="2", help="0, 1, 2, 3, or a list such as 0,1,2,3 to compare them in one run")
     add("--steps", type=int, default=30, help="training steps per stage")
@@ -463,6 +458,7 @@ def make_parser() -> argparse.ArgumentParser:
     add("--params", type=float, default=7e9, help="Φ for --estimate")
     add("--world-size", type=int, default=8, help="N for --estimate")
     return parser
+
 
 def main(argv=None):
     parser = make_parser()
@@ -493,6 +489,7 @@ def main(argv=None):
         return results
     finally:
         cleanup()
+
 
 # --- common core: identical in every file (tests/test_common.py checks) -----------------------------------
 # Process-group setup, a timer that synchronises, the communication counter and, in the training scripts, the
