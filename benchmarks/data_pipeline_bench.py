@@ -8,9 +8,7 @@ Run:   python benchmarks/data_pipeline_bench.py
 """
 import argparse
 import collections
-import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -18,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from datasketch import MinHash, MinHashLSH
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import data_pipeline as dp  # noqa: E402
+from harness import run_distributed  # noqa: E402  (the tests' launcher: N gloo processes, results by value)
 
 
 def datasketch_dedup(texts, threshold, num_perm, ngram):
@@ -62,26 +61,18 @@ def quality(texts, keep, threshold, ngram, margin=0.05):
     return recall, precision, len(truth)
 
 
-def _ranked_dedup(rank, world, port, texts, args, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _ranked_dedup(texts, args):
+    """One rank of the distributed dedup (run by tests/harness.py's run_distributed): seconds, documents removed."""
     dist.barrier()
     t0 = time.perf_counter()
     keep, _ = dp.fuzzy_dedup(texts, args.threshold, args.num_perm, args.ngram)
     dist.barrier()
-    if rank == 0:
-        out.put((time.perf_counter() - t0, int((~keep).sum())))
-    dist.destroy_process_group()
+    return time.perf_counter() - t0, int((~keep).sum())
 
 
 def distributed_dedup(texts, args, world=2):
-    """The same fuzzy dedup on `world` gloo processes (each signs 1/world of the documents): seconds, removed."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.get_context("spawn").SimpleQueue()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_ranked_dedup, (world, port, texts, args, out), nprocs=world, start_method="spawn")
-    return out.get()
+    """The same fuzzy dedup on `world` gloo processes (each signs 1/world of the documents): rank 0's figures."""
+    return run_distributed(_ranked_dedup, world, texts, args, timeout=1800, pg_timeout=1800)[0]
 
 
 def profile_fast_path(texts, args):
